@@ -1,0 +1,144 @@
+"""train.py end to end on a tiny Meta-layout checkpoint and a tiny offline-layout data dir
+written here: runs, resume after SIGKILL, and one-line errors. No network."""
+
+import base64
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import llama
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = root / "model"
+    model_dir.mkdir()
+    cfg = llama.CONFIGS["tiny"]
+    torch.manual_seed(0)
+    model = llama.Transformer(llama.ModelArgs(**cfg))
+    torch.save(model.state_dict(), model_dir / "consolidated.00.pth")
+    (model_dir / "params.json").write_text(json.dumps(dataclasses.asdict(llama.ModelArgs(**cfg))))
+    # a byte-level tiktoken file: 256 single-byte tokens, then Llama 3's 256 specials = vocab 512
+    (model_dir / "tokenizer.model").write_text(
+        "".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
+    data_dir = root / "data"
+    held = data.OFFLINE_HELD_OUT["nli"]
+    meta = {t: {"category": "nli"} for t in held} | {f"train{i}": {"category": "cls"} for i in range(3)}
+    data_dir.mkdir()
+    (data_dir / "tasks.json").write_text(json.dumps({"tasks": meta}))
+
+    def rows(task, n, tag):
+        opts = ["yes", "no", "maybe"][: 2 + (n % 2)]
+        return "".join(json.dumps({"task": task, "input": f"{tag} {i} {task[:6]}?", "output": opts[i % len(opts)],
+                                   "options": opts}) + "\n" for i in range(n))
+
+    for t in held:
+        (data_dir / t).mkdir()
+        for part, n in (("train", 12), ("dev", 6), ("test", 6)):
+            (data_dir / t / f"{t}_16_100_{part}.jsonl").write_text(rows(t, n, part))
+    for i in range(3):
+        (data_dir / f"train{i}").mkdir()
+        (data_dir / f"train{i}" / f"train{i}_16384_100_train.jsonl").write_text(rows(f"train{i}", 30, "q"))
+    return model_dir, data_dir
+
+
+def cmd(tiny, out, *extra, method="abmll"):
+    model_dir, data_dir = tiny
+    return [sys.executable, str(ROOT / "train.py"), "--method", method, "--split", "nli", "--model", str(model_dir),
+            "--data-dir", str(data_dir), "--out", str(out), "--epochs", "3", "--max-query", "4",
+            "--device", "cpu", *extra]
+
+
+def run(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, **kw)
+
+
+def results(out, method="abmll"):
+    d = Path(out) / "nli" / method / "seed0"
+    final = json.loads((d / "final.json").read_text())
+    final.pop("wall_s")
+    hist = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    return final, [{k: v for k, v in h.items() if k != "time_s"} for h in hist]
+
+
+@pytest.mark.parametrize("method", ["pretrained", "lora", "structured", "reptile", "abmll"])
+def test_every_method_runs_and_writes_the_run_layout(tiny, tmp_path, method):
+    r = run(cmd(tiny, tmp_path, "--epochs", "2", "--prune", method=method))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "test accuracy" in r.stdout
+    final, hist = results(tmp_path, method)
+    assert len(hist) == (1 if method == "pretrained" else 2)
+    assert final["n_test"] == 7 * 4 and 0 <= final["test_acc"] <= 1 and 0 <= final["test_ece"] <= 1
+    assert set(final["pruning"]["acc"]) == {"0", "1", "10", "20", "30"}
+    assert final["pruning"]["acc"]["0"] == final["test_acc"]
+
+
+def test_sigkill_mid_run_then_resume_ends_like_an_uninterrupted_run(tiny, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = run(cmd(tiny, a))
+    assert r.returncode == 0, r.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd(tiny, b), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    state = b / "nli" / "abmll" / "seed0" / "state.json"
+    deadline = time.time() + 240
+    while not state.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)  # after the first epoch's checkpoint, inside the second epoch
+    p.wait()
+    assert json.loads(state.read_text())["epoch"] < 3
+    assert not (b / "nli" / "abmll" / "seed0" / "final.json").exists()
+    again = run(cmd(tiny, b))
+    assert again.returncode != 0 and "--resume" in again.stderr  # never silently overwritten
+    r = run(cmd(tiny, b, "--resume"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming" in r.stderr
+    assert results(a) == results(b)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--method", "maml"], "--method"),
+    (["--split", "nope"], "split"),
+    (["--epochs", "0"], "--epochs"),
+    (["--model", "/no/such/model"], "/no/such/model"),
+])
+def test_bad_flags_end_in_one_line(tiny, tmp_path, extra, needle):
+    r = run(cmd(tiny, tmp_path, *extra))
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert needle in last and "Traceback" not in r.stderr
+
+
+def test_missing_split_data_is_one_line(tiny, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    model_dir, _ = tiny
+    r = run(cmd((model_dir, empty), tmp_path / "out"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "missing" in r.stderr.strip().splitlines()[-1]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
+    r = run(cmd(tiny, tmp_path, "--lr", "1e20", method="lora"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "non-finite loss" in last and "checkpoint" in last
+    d = tmp_path / "nli" / "lora" / "seed0"
+    assert not (d / "final.json").exists()
+    if (d / "state.json").exists():  # whatever epoch it reached, its checkpoint is whole and finite
+        state = json.loads((d / "state.json").read_text())
+        from safetensors.torch import load_file
+
+        assert all(torch.isfinite(v).all() for k, v in load_file(str(d / state["file"])).items() if k.startswith("adapter."))

@@ -1,0 +1,387 @@
+"""Train and evaluate one method on one split: the experiments of Section 5 of the paper.
+
+    python train.py --method abmll --split nli                  # built-in defaults: SmolLM2-135M, offline nli
+    python train.py --method reptile --split nli --seed 1 --prune
+    python train.py --compare --split nli --seeds 0 1 2 --prune # all five methods x seeds, resumable
+    python train.py --method abmll --split cls-45 --data-dir ~/MetaICL/data --model ~/Meta-Llama-3-8B-Instruct \\
+        --preset paper --device cuda                            # the paper's setting on a GPU
+    python eval.py report runs                                  # tables and curves from the run directories
+
+An epoch is one sweep over the training tasks, K = 5 batches of 2 from each (Regular LoRA takes
+the same number of steps on pooled, shuffled batches). After every epoch the held-out tasks'
+validation examples are scored after test-time adaptation on their support batches; the adapters
+of the best validation-accuracy epoch are scored on the test examples at the end. Every epoch
+leaves a checkpoint (adapters, optimizer state, RNG state, metrics) written atomically, so
+`--resume` continues a killed run and ends exactly where an uninterrupted one would.
+Run directories are laid out as eval.py's docstring says: {out}/{split}/{method}/seed{seed}/.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import abmll
+import data
+import eval as evaluation
+import fetch
+import llama
+
+METHODS = ("pretrained", "lora", "structured", "reptile", "abmll")
+# "quick" fits a 2-core CPU in minutes; "paper" is Section 5.1.1's setting (for a GPU)
+PRESETS = {"quick": dict(epochs=2, tasks_per_epoch=20, max_query=16, max_examples=200),
+           "paper": dict(epochs=500, tasks_per_epoch=None, max_query=None, max_examples=None)}
+
+
+class RunError(RuntimeError):
+    """A problem with the run's flags or directory that the user can fix (one line)."""
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+
+@torch.no_grad()
+def score(model, examples, tok, args):
+    """Letter probabilities (N, 4) of examples, in batches, with the S-sample predictive."""
+    probs = []
+    for i in range(0, len(examples), args.eval_batch):
+        batch = data.collate(examples[i:i + args.eval_batch], tok, args.max_len)
+        batch = {k: v.to(args.device) for k, v in batch.items()}
+        with autocast(args):
+            probs.append(abmll.predictive_probs(model, batch, batch["letter_ids"], args.eval_samples).cpu())
+    return torch.cat(probs) if probs else torch.zeros(0, 4)
+
+
+def evaluate(model, tasks, part, tok, args, cfg, levels=(0,)):
+    """Pooled accuracy / ECE / NLL over held-out tasks' `part` examples, after test-time adaptation
+    on each task's support batches (not for Pretrained), at each pruning level."""
+    probs, labels = {p: [] for p in levels}, []
+    for task, held in tasks.items():
+        support = [to_device(data.collate(held.support[i:i + 2], tok, args.max_len), args)
+                   for i in range(0, len(held.support), 2)]
+        examples = getattr(held, part)
+        with abmll.adapted(model, support, cfg) if args.method != "pretrained" else nullcontext(), autocast(args):
+            for p in levels:
+                with evaluation.pruned(model, p, args.prune_mode):
+                    probs[p].append(score(model, examples, tok, args))
+        labels += [e.label for e in examples]
+    labels = torch.tensor(labels)
+    out = {}
+    for p in levels:
+        pr = torch.cat(probs[p])
+        out[p] = dict(acc=evaluation.accuracy(pr, labels), ece=evaluation.expected_calibration_error(pr, labels),
+                      nll=evaluation.nll(pr, labels), n=len(labels))
+    return out
+
+
+def autocast(args):
+    # bf16 autocast on CUDA; on CPU fp32 unless asked (the adapters' noise path stays apart from W0 x)
+    return torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+
+
+def to_device(batch, args):
+    return {k: v.to(args.device) for k, v in batch.items()}
+
+
+# -----------------------------------------------------------------------------
+# one epoch of each method
+
+
+def epoch_tasks(split, epoch, args, cfg):
+    """[(task, [batch of 2 examples] * K)] for this epoch; Regular LoRA gets pooled, shuffled batches."""
+    episodes = [(t, s) for t, s, _ in data.epoch_episodes(split.train, epoch, args.seed, cfg.inner_steps, 2)]
+    episodes = episodes[:args.tasks_per_epoch]  # the order is shuffled by (seed, epoch)
+    if args.method != "lora":
+        return episodes
+    import random
+
+    pool = [e for t in sorted(split.train) for e in split.train[t]]
+    rng = random.Random(f"{args.seed}-{epoch}-pooled")
+    need = 2 * cfg.inner_steps * len(episodes)  # as many steps as the meta-learners take
+    picks = rng.sample(pool, need) if len(pool) >= need else [rng.choice(pool) for _ in range(need)]
+    k = 2 * cfg.inner_steps
+    return [("pooled", [picks[j:j + 2] for j in range(i, i + k, 2)]) for i in range(0, need, k)]
+
+
+def train_epoch(model, opt, split, epoch, tok, args, cfg, progress):
+    losses = []
+    for task, support in epoch_tasks(split, epoch, args, cfg):
+        batches = [to_device(data.collate(b, tok, args.max_len), args) for b in support]
+        progress.task = task
+        with autocast(args):
+            if args.method in ("lora", "structured"):  # persistent optimizer, no reset
+                step_losses = [abmll.lora_step(model, opt, b) for b in batches]
+            elif args.method == "reptile":
+                step_losses = abmll.reptile_task(model, batches, cfg)
+            else:  # abmll: K inner steps on phi, one outer step on theta, phi <- theta
+                step_losses = abmll.abmll_task(model, opt, batches, cfg)["inner"]
+        losses += step_losses
+        progress.advance(len(batches), step_losses[-1])
+    return sum(losses) / max(len(losses), 1)
+
+
+class Progress:
+    """One live line: epoch, task, step, loss, ETA (a line per task when not on a terminal)."""
+
+    def __init__(self, total_steps, epochs):
+        self.total, self.done, self.epochs, self.epoch, self.task = total_steps, 0, epochs, 0, ""
+        self.t0, self.last = time.time(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def advance(self, steps, loss):
+        self.done += steps
+        elapsed = time.time() - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        line = (f"epoch {self.epoch + 1}/{self.epochs} | task {self.task[:32]:32s} | step {self.done}/{self.total}"
+                f" | loss {loss:.4f} | ETA {eta / 60:.1f} min")
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif time.time() - self.last > 10 or self.done == self.total:
+            print(line, file=sys.stderr, flush=True)
+            self.last = time.time()
+
+    def end_line(self):
+        if self.tty:
+            print(file=sys.stderr)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: everything needed to continue, written atomically
+
+
+def write_atomic(path: Path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run: Path, model, opt, state: dict):
+    """Versioned tensor files first, then state.json (the commit point) naming them; old files go last."""
+    e = state["epoch"]
+    tensors = {f"adapter.{k}": p.detach().cpu().contiguous() for k, p in abmll.adapter_params(model).items()}
+    tensors |= {f"best.{k}": v for k, v in state["best_adapters"].items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    groups = None
+    if opt is not None:
+        sd = opt.state_dict()
+        groups = sd["param_groups"]
+        for i, s in sd["state"].items():
+            tensors |= {f"opt.{i}.{k}": v.cpu().contiguous() for k, v in s.items()}
+    write_atomic(run / f"ckpt-{e}.safetensors", lambda p: save_file(tensors, str(p)))
+    meta = {k: v for k, v in state.items() if k != "best_adapters"}
+    meta |= {"file": f"ckpt-{e}.safetensors", "opt_groups": groups}
+    write_atomic(run / "state.json", lambda p: p.write_text(json.dumps(meta)))
+    for old in run.glob("ckpt-*.safetensors"):
+        if old.name != meta["file"]:
+            old.unlink()
+
+
+def load_checkpoint(run: Path, model, opt) -> dict:
+    state = json.loads((run / "state.json").read_text())
+    tensors = load_file(str(run / state["file"]))
+    with torch.no_grad():
+        for k, p in abmll.adapter_params(model).items():
+            p.copy_(tensors[f"adapter.{k}"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    if opt is not None:
+        per = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                per.setdefault(int(i), {})[name] = v
+        opt.load_state_dict({"state": per, "param_groups": state["opt_groups"]})
+    state["best_adapters"] = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    return state
+
+
+# -----------------------------------------------------------------------------
+# one run
+
+
+def build(args, cfg):
+    try:
+        model, tok = llama.load(fetch.resolve_model(args.model), device=args.device,
+                                dtype=torch.bfloat16 if args.dtype == "bf16" and args.device != "cpu" else None)
+    except (llama.LoadError, fetch.FetchError) as e:
+        raise RunError(f"--model: {e}") from None
+    if tok is None:
+        raise RunError(f"--model {args.model}: no tokenizer beside the weights")
+    if args.method != "pretrained":
+        abmll.inject(model, "abmll" if args.method == "abmll" else "lora", rank=args.rank, alpha=args.alpha,
+                     log_c=args.log_c)
+        for p in abmll.adapter_params(model).values():  # adapters train in fp32 whatever the base dtype
+            p.data = p.data.float()
+    groups = abmll.param_groups(model)
+    opt = None
+    if args.method == "lora":
+        opt = torch.optim.AdamW(groups["lora"].values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif args.method == "structured":
+        opt = torch.optim.AdamW(groups["lora"].values(), lr=cfg.inner_lr, weight_decay=cfg.weight_decay)
+    elif args.method == "abmll":
+        opt = torch.optim.AdamW(groups["theta"].values(), lr=cfg.outer_lr, weight_decay=cfg.weight_decay)
+    return model, tok, opt
+
+
+def run(args) -> dict:
+    """Train (unless Pretrained), validate every epoch, test the best epoch; returns final.json's content."""
+    cfg = abmll.Config(inner_steps=args.inner_steps, lr=args.lr, inner_lr=args.inner_lr, outer_lr=args.outer_lr,
+                       reptile_eps=args.reptile_eps, beta=args.beta, a0=args.a0, b0=args.b0)
+    rundir = Path(args.out) / args.split / args.method / f"seed{args.seed}"
+    if (rundir / "state.json").exists() and not args.resume:
+        raise RunError(f"{rundir} already holds a run: pass --resume to continue it or --out elsewhere")
+    torch.manual_seed(args.seed)
+    model, tok, opt = build(args, cfg)
+    try:
+        split = data.load_split(args.split, args.data_dir, tok, args.max_len, args.seed,
+                                max_examples=args.max_examples, max_query=args.max_query)
+    except (data.DataError, fetch.FetchError) as e:
+        raise RunError(f"--split {args.split}: {e}") from None
+    epochs = 1 if args.method == "pretrained" else args.epochs
+    rundir.mkdir(parents=True, exist_ok=True)
+    write_atomic(rundir / "config.json", lambda p: p.write_text(json.dumps(vars(args), indent=1)))
+
+    state = {"epoch": 0, "best_acc": -1.0, "best_epoch": -1, "history": [],
+             "best_adapters": {k: v.detach().cpu().clone() for k, v in abmll.adapter_params(model).items()}}
+    if args.resume and (rundir / "state.json").exists():
+        state = load_checkpoint(rundir, model, opt)
+        print(f"resuming {rundir} after epoch {state['epoch']}", file=sys.stderr)
+    n_tasks = min(len(split.train), args.tasks_per_epoch or len(split.train))
+    progress = Progress((epochs - state["epoch"]) * n_tasks * cfg.inner_steps, epochs)
+    for epoch in range(state["epoch"], epochs):
+        t0 = time.time()
+        progress.epoch = epoch
+        try:
+            loss = float("nan") if args.method == "pretrained" else train_epoch(
+                model, opt, split, epoch, tok, args, cfg, progress)
+        except FloatingPointError as e:
+            progress.end_line()
+            raise RunError(f"epoch {epoch + 1}: {e}; the last good checkpoint (epoch {state['epoch']}) is in {rundir}")
+        progress.end_line()
+        val = evaluate(model, split.test, "val", tok, args, cfg)[0]
+        line = dict(epoch=epoch + 1, train_loss=loss, val_acc=val["acc"], val_ece=val["ece"], val_nll=val["nll"],
+                    time_s=time.time() - t0)
+        print(f"epoch {epoch + 1}: train loss {loss:.4f} | val acc {val['acc']:.3f} ece {val['ece']:.3f} "
+              f"nll {val['nll']:.3f} | {line['time_s']:.0f}s", file=sys.stderr)
+        state["history"].append(line)
+        if val["acc"] > state["best_acc"]:
+            state["best_acc"], state["best_epoch"] = val["acc"], epoch + 1
+            state["best_adapters"] = {k: v.detach().cpu().clone() for k, v in abmll.adapter_params(model).items()}
+        state["epoch"] = epoch + 1
+        save_checkpoint(rundir, model, opt, state)
+        write_atomic(rundir / "metrics.jsonl",
+                     lambda p: p.write_text("".join(json.dumps(h) + "\n" for h in state["history"])))
+
+    with torch.no_grad():  # the best validation epoch's adapters are the ones tested
+        for k, p in abmll.adapter_params(model).items():
+            p.copy_(state["best_adapters"][k])
+    levels = tuple(args.prune) if args.prune else (0,)
+    test = evaluate(model, split.test, "test", tok, args, cfg, levels=(0, *[p for p in levels if p != 0]))
+    final = dict(method=args.method, split=args.split, seed=args.seed, best_epoch=state["best_epoch"],
+                 test_acc=test[0]["acc"], test_ece=test[0]["ece"], test_nll=test[0]["nll"], n_test=test[0]["n"],
+                 wall_s=sum(h["time_s"] for h in state["history"]))
+    if args.prune:
+        final["pruning"] = {"mode": args.prune_mode, "acc": {str(p): test[p]["acc"] for p in sorted(test)},
+                            "ece": {str(p): test[p]["ece"] for p in sorted(test)}}
+    abmll.save_adapters(model, rundir / "adapters.safetensors") if args.method != "pretrained" else None
+    write_atomic(rundir / "final.json", lambda p: p.write_text(json.dumps(final, indent=1)))
+    print(f"{args.method} on {args.split} (seed {args.seed}): test accuracy {final['test_acc']:.3f}, "
+          f"ECE {final['test_ece']:.3f}, NLL {final['test_nll']:.3f} over {final['n_test']} examples "
+          f"(best epoch {final['best_epoch']}) -> {rundir}")
+    return final
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv=None):
+    d = abmll.Config()
+    p = argparse.ArgumentParser(description="Train and evaluate ABMLL and its baselines (Section 5).")
+    p.add_argument("--method", default="abmll", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--split", default="nli", help="offline: cls, nli, para, mcqa; MetaICL: cls-45, cls-23, nli, para, mcqa")
+    p.add_argument("--model", default="smollm2-135m", help="built-in name or a Meta / HF directory or .gguf file")
+    p.add_argument("--data-dir", default=None, help="MetaICL-layout data (default: the offline benchmark)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling, adapters and episodes")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="quick (CPU, minutes) or paper")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
+    p.add_argument("--tasks-per-epoch", type=int, default=None, help="training tasks per epoch, a fresh seeded "
+                   "sample each epoch (default: the preset's; paper: all)")
+    p.add_argument("--max-examples", type=int, default=None, help="examples kept per training task")
+    p.add_argument("--max-query", type=int, default=None, help="validation / test examples per held-out task")
+    p.add_argument("--max-len", type=int, default=256, help="tokens per example (long questions lose their start)")
+    p.add_argument("--inner-steps", type=int, default=d.inner_steps, help="K: steps per task and at test time")
+    p.add_argument("--lr", type=float, default=d.lr, help="Regular LoRA's learning rate")
+    p.add_argument("--inner-lr", type=float, default=d.inner_lr, help="inner-loop / structured / test-time lr")
+    p.add_argument("--outer-lr", type=float, default=d.outer_lr, help="ABMLL's outer-step lr")
+    p.add_argument("--reptile-eps", type=float, default=d.reptile_eps, help="Reptile's meta step size")
+    p.add_argument("--beta", type=float, default=d.beta, help="weight of the KL and prior terms (Eq. 2)")
+    p.add_argument("--log-c", type=float, default=-20.0, help="log-variance offset c (DESIGN.md)")
+    p.add_argument("--a0", type=float, default=d.a0, help="Gamma prior shape")
+    p.add_argument("--b0", type=float, default=d.b0, help="Gamma prior rate")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--alpha", type=float, default=16, help="LoRA alpha (scaling alpha / rank)")
+    p.add_argument("--eval-samples", type=int, default=1, help="weight samples averaged when scoring ABMLL")
+    p.add_argument("--eval-batch", type=int, default=8, help="examples per scoring batch")
+    p.add_argument("--prune", type=int, nargs="*", default=None, help="pruning study at these percents "
+                   "(bare --prune: 0 1 10 20 30)")
+    p.add_argument("--prune-mode", choices=["activation", "weight"], default="activation", help="what is pruned")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--out", default="runs", help="root of the run directories")
+    p.add_argument("--resume", action="store_true", help="continue the run in its directory")
+    p.add_argument("--compare", action="store_true", help="run every method for each of --seeds (resumable)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds for --compare")
+    args = p.parse_args(argv)
+    if args.method not in METHODS:
+        p.error(f"--method: unknown method {args.method!r}; choose from {', '.join(METHODS)}")
+    if args.split not in data.PAPER_SPLITS and args.split not in data.OFFLINE_HELD_OUT:
+        p.error(f"--split: unknown split {args.split!r}; the paper's: {', '.join(data.PAPER_SPLITS)}; "
+                f"the offline benchmark's: {', '.join(data.OFFLINE_HELD_OUT)}")
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.epochs < 1:
+        p.error(f"--epochs must be at least 1, got {args.epochs}")
+    if args.prune is not None and not args.prune:
+        args.prune = list(evaluation.PRUNE_LEVELS)
+    if args.dtype == "auto":
+        args.dtype = "fp32" if args.device == "cpu" else "bf16"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == "cpu" and os.environ.get("OMP_NUM_THREADS") is None:
+        torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        if not args.compare:
+            run(args)
+            return
+        t0 = time.time()
+        for seed in args.seeds:
+            for method in METHODS:
+                rundir = Path(args.out) / args.split / method / f"seed{seed}"
+                if (rundir / "final.json").exists():
+                    print(f"{rundir}: done, skipped", file=sys.stderr)
+                    continue
+                run(argparse.Namespace(**{**vars(args), "method": method, "seed": seed, "resume": True}))
+        print(f"comparison on {args.split} finished in {(time.time() - t0) / 60:.1f} min; "
+              f"tables: python eval.py report {args.out}")
+    except RunError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
