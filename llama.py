@@ -120,12 +120,11 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return torch.where(wavelen < high_wavelen, inv_freq, scaled)
 
 
-def apply_rope(x, cos, sin):
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by position * theta_i. x: (B, T, H, hd)."""
-    xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, hd/2) each
-    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, hd/2)
-    out = torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+def apply_rope(x, freqs_cis):
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by position * theta_i, as one complex multiply
+    (fewer kernels than the real-valued form on strided halves). x: (B, T, H, hd)."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, hd/2)
+    return torch.view_as_real(xc * freqs_cis[:, None, :]).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -140,12 +139,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
         self.cache_k = self.cache_v = None  # opt-in KV cache, see Transformer.setup_cache
 
-    def forward(self, x, cos, sin, start_pos: int = 0):
+    def forward(self, x, freqs_cis, start_pos: int = 0):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         mask, causal = None, T > 1
         if self.cache_k is not None:
@@ -180,8 +179,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, start_pos: int = 0):
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+    def forward(self, x, freqs_cis, start_pos: int = 0):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -207,10 +206,10 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len {self.args.max_seq_len}")
         pos = torch.arange(start_pos, start_pos + T, device=tokens.device, dtype=torch.float32)
         angles = torch.outer(pos, self.inv_freq)  # (T, hd/2)
-        cos, sin = angles.cos(), angles.sin()
+        freqs_cis = torch.polar(torch.ones_like(angles), angles)  # cos + i sin, (T, hd/2)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
-            h = layer(h, cos, sin, start_pos)
+            h = layer(h, freqs_cis, start_pos)
         if logits_at is not None:
             h = h.gather(1, logits_at[..., None].expand(-1, -1, h.size(-1)))  # (B, P, dim)
         h = self.norm(h)

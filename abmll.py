@@ -1,0 +1,527 @@
+"""Amortized Bayesian Meta-Learning for LoRA (ABMLL): the adapters, the objective, every update rule.
+
+Section 4, Algorithm 1 and Eq. 2 of the paper, and the baselines' adapters and steps, in reading order:
+LoRALinear -> the sampled layer (BayesLoRALinear) -> the weight-space terms -> inject / save / load ->
+update rules -> save_peft. How we read the paper where it is ambiguous: ../shared/DESIGN.md.
+
+    abmll.inject(model, "abmll")                                   # wq, wv, wo; rank 8, alpha 16
+    outer = torch.optim.AdamW(abmll.param_groups(model)["theta"].values(), lr=cfg.outer_lr)
+    abmll.abmll_task(model, outer, task_batches, cfg)              # one task of Algorithm 1
+    with abmll.adapted(model, support_batches, cfg):               # test section: adapt, score, restore
+        probs = abmll.predictive_probs(model, query_batch, letters)
+
+A batch is a dict with `tokens` (B, T), `answer_pos` (B,) and `answer_ids` (B,) (data.py).
+"""
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+# weight-sized transients are made this many entries at a time (16 MiB in fp32), so the full
+# d_out x d_in matrices of sigma, eps or the KL terms never exist at once, whatever the model's size
+CHUNK = 1 << 22
+
+
+@dataclass
+class Config:
+    """Update-rule hyperparameters, with the paper's names and defaults (Section 5.1.1, DESIGN.md)."""
+
+    inner_steps: int = 5  # K: batches per task, in the inner loop and at test time
+    lr: float = 5e-5  # Regular LoRA
+    inner_lr: float = 1e-5  # Structured LoRA, Reptile's and ABMLL's inner loops, test-time adaptation
+    outer_lr: float = 5e-5  # ABMLL's outer step on theta
+    reptile_eps: float = 0.5
+    beta: float = 1e-8  # tempers the weight-space terms, ~1e6 per weight entry (Eq. 2)
+    a0: float = 1.0  # Gamma prior on the precision 1/sigma^2: shape
+    b0: float = 0.01  # and rate
+    weight_decay: float = 0.01  # torch's AdamW default; the paper names AdamW and no decay
+
+
+def _lowrank(x, A, B, s):
+    """s x A^T B^T; scaling B rather than the output saves a pass over the activations."""
+    return F.linear(F.linear(x, A.to(x.dtype)), (B * s).to(x.dtype))
+
+
+def _pair(rank, base: nn.Linear):
+    """(B, A): A as nn.Linear initializes its weight (kaiming-uniform, as loralib), B = 0. Adapters stay fp32
+    (fp64 for an fp64 base) so AdamW's small steps are not rounded away in a bf16 model."""
+    dt, dev = torch.promote_types(base.weight.dtype, torch.float32), base.weight.device
+    A = nn.init.kaiming_uniform_(torch.empty(rank, base.in_features, dtype=dt, device=dev), a=math.sqrt(5))
+    return nn.Parameter(torch.zeros(base.out_features, rank, dtype=dt, device=dev)), nn.Parameter(A)
+
+
+class LoRALinear(nn.Module):
+    """y = x W0^T + s x A^T B^T, s = alpha / r, with W0 frozen under its original key `weight`."""
+
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.rank, self.alpha, self.scaling, self.merged = rank, alpha, alpha / rank, False
+        self.lora_B, self.lora_A = _pair(rank, base)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.merged else y + _lowrank(x, self.lora_A, self.lora_B, self.scaling)
+
+    @torch.no_grad()
+    def merge(self, sign: int = 1):
+        """W0 <- W0 + s B A (one matmul per layer at inference); `unmerge()` takes it back out."""
+        if self.merged != (sign > 0):
+            self.weight += (sign * self.scaling * self.lora_B @ self.lora_A).to(self.weight.dtype)
+            self.merged = sign > 0
+
+    def unmerge(self):
+        self.merge(-1)
+
+
+# -----------------------------------------------------------------------------
+# one reparameterized weight sample per forward, with nothing weight-sized kept for backward
+
+
+def _noise_rows(b_lv, a_lv, s, log_c, seed):
+    """Yield (rows, sigma * eps) chunk by chunk, sigma = exp(½ (s B A + log_c)), eps ~ N(0, I).
+
+    Same seed, same chunks, same order: backward regenerates exactly the forward's eps, never stored.
+    """
+    gen = torch.Generator(a_lv.device).manual_seed(seed)
+    half_c = torch.full((), 0.5 * log_c, dtype=a_lv.dtype, device=a_lv.device)  # no host-to-device copy
+    step = max(1, CHUNK // a_lv.shape[1])
+    for i in range(0, b_lv.shape[0], step):
+        rows = slice(i, i + step)
+        sigma = torch.addmm(half_c, b_lv[rows], a_lv, alpha=0.5 * s).exp_()  # (rows, d_in)
+        yield rows, sigma.mul_(torch.randn(sigma.shape, generator=gen, dtype=sigma.dtype, device=sigma.device))
+
+
+class _SampledLinear(torch.autograd.Function):
+    """y = x phi^T, phi = W0 + mu + sigma * eps, mu = s B_mu A_mu, sigma = exp(½ (s B_lv A_lv + log_c)).
+
+    Saves x, W0 (a parameter), the four factors and the seed; backward regenerates sigma * eps chunk by
+    chunk and makes G = g^T x per chunk, dropping it after:
+        dL/dx = g phi,   dL/dmu = G,   dL/dlogvar = ½ G * sigma * eps,
+        dL/dB = s (dL/dM) A^T,   dL/dA = s B^T (dL/dM)   for M = mu and M = logvar.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w0, b_mu, a_mu, b_lv, a_lv, s, log_c, seed):
+        ctx.save_for_backward(x, w0, b_mu, a_mu, b_lv, a_lv)
+        dev = x.device.type  # the big matmuls run in autocast's dtype if on; the noise always in fp32
+        ctx.s, ctx.log_c, ctx.seed = s, log_c, seed
+        ctx.dt = dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        # fp32 keeps sigma * eps (~1e-3 of W0) to ~1e-4 relative inside phi: one matmul, like LoRA's base.
+        # In bf16 (weights or autocast) W0 + sigma * eps would round back to W0: the noise gets its own product.
+        full = w0.dtype == b_lv.dtype == dt
+        with torch.autocast(dev, enabled=False):
+            x2, outs = x.reshape(-1, x.shape[-1]).to(dt), []  # (N, d_in)
+            for rows, noise in _noise_rows(b_lv, a_lv, s, log_c, seed):
+                if full:
+                    outs.append(x2 @ noise.add_(w0[rows]).addmm_(b_mu[rows], a_mu, alpha=s).T)
+                else:
+                    outs.append(x2 @ w0[rows].to(dt).T + x2 @ noise.to(dt).T + _lowrank(x2, a_mu, b_mu[rows], s))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, 1)).view(*x.shape[:-1], -1)  # (..., d_out)
+
+    @staticmethod
+    def backward(ctx, g):
+        with torch.autocast(g.device.type, enabled=False):  # dtypes are explicit, as in forward
+            return _SampledLinear._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
+        x, w0, b_mu, a_mu, b_lv, a_lv = ctx.saved_tensors
+        s, dt = ctx.s, ctx.dt
+        x2, g2 = x.reshape(-1, x.shape[-1]).to(dt), g.reshape(-1, g.shape[-1]).to(dt)  # (N, d_in), (N, d_out)
+        grads = [torch.empty_like(b_mu), torch.zeros_like(a_mu), torch.empty_like(b_lv), torch.zeros_like(a_lv)]
+        gx = None
+        for rows, noise in _noise_rows(b_lv, a_lv, s, ctx.log_c, ctx.seed):
+            g_rows = g2[:, rows]  # (N, rows)
+            G = (g_rows.T @ x2).to(b_lv.dtype)  # dL/dphi = dL/dmu, (rows, d_in)
+            for i, (B, A, alpha) in enumerate([(b_mu, a_mu, s), (b_lv, a_lv, 0.5 * s)]):
+                dM = G if i == 0 else G.mul_(noise)  # then 2 dL/dlogvar, in place: mu's share is taken
+                torch.mm(dM, A.T, out=grads[2 * i][rows]).mul_(alpha)
+                grads[2 * i + 1].addmm_(B[rows].T, dM, alpha=alpha)
+            if ctx.needs_input_grad[0]:  # dL/dx = g phi, summed over row chunks
+                phi = noise.add_(w0[rows]).addmm_(b_mu[rows], a_mu, alpha=s).to(dt)
+                gx = g_rows @ phi if gx is None else gx.addmm_(g_rows, phi)
+        return None if gx is None else gx.to(x.dtype).view_as(x), None, *grads, None, None, None
+
+
+class BayesLoRALinear(nn.Module):
+    """Four LoRA pairs around a frozen W0 (Section 4): the mean and log-variance of theta and of phi.
+
+        mu = s B_mean A_mean,   log sigma^2 = s B_logvar A_logvar + log_c
+        q(phi | D) = N(W0 + mu_phi, sigma_phi^2),   p(phi | theta) = N(W0 + mu_theta, sigma_theta^2)
+
+    The paper's "+ cI, c = e^-20" is read as the log-variance's offset (sigma ~ 4.5e-5 at the start; read
+    literally sigma ~ 1 would drown W0). `mode` is explicit; .train() / .eval() never touch it:
+    "sample": phi = W0 + mu_phi + sigma_phi * eps, one eps ~ N(0, I) of W0's shape per forward, shared
+    by the batch (training, and the paper's one-sample inference); "mean": phi = W0 + mu_phi.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16, log_c: float = -20.0):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.rank, self.alpha, self.scaling, self.log_c, self.mode = rank, alpha, alpha / rank, log_c, "sample"
+        for name in ("theta_mean", "theta_logvar", "phi_mean", "phi_logvar"):
+            B, A = _pair(rank, base)
+            self.register_parameter(f"{name}_B", B)
+            self.register_parameter(f"{name}_A", A)
+        self.reset_phi()
+
+    @torch.no_grad()
+    def reset_phi(self):
+        """phi <- theta, all four A and B (Algorithm 1, after the outer step)."""
+        for p, t in zip(self.pairs("phi"), self.pairs("theta")):
+            p.copy_(t)
+
+    def pairs(self, group: str, grad: bool = True):
+        """(B_mean, A_mean, B_logvar, A_logvar) of "theta" or "phi", detached unless gradients are wanted."""
+        ts = tuple(getattr(self, f"{group}_{n}") for n in ("mean_B", "mean_A", "logvar_B", "logvar_A"))
+        return ts if grad and torch.is_grad_enabled() else tuple(t.detach() for t in ts)
+
+    def forward(self, x):
+        if self.mode == "mean":
+            return F.linear(x, self.weight, self.bias) + _lowrank(x, self.phi_mean_A, self.phi_mean_B, self.scaling)
+        if self.mode != "sample":
+            raise ValueError(f"BayesLoRALinear.mode must be 'sample' or 'mean', not {self.mode!r}")
+        seed = int(torch.randint(2**62, ()))  # torch's global generator: torch.manual_seed reproduces a run
+        y = _SampledLinear.apply(x, self.weight, *self.pairs("phi"), self.scaling, self.log_c, seed)
+        return y if self.bias is None else y + self.bias
+
+    def kl(self, wrt: str | None = None):
+        """KL(q(phi|D) || p(phi|theta)) summed over the weight (W0 cancels in mu_q - mu_p). wrt = "phi" or
+        "theta" detaches the other group. mu_q - mu_p = s [B_q B_p] [A_q; -A_p] is one low-rank product."""
+        bq, aq, blq, alq = self.pairs("phi", grad=wrt in (None, "phi"))
+        bp, ap, blp, alp = self.pairs("theta", grad=wrt in (None, "theta"))
+        factors = (torch.cat([bq, bp], 1), torch.cat([aq, -ap]),  # mu_q - mu_p
+                   torch.cat([blq, blp], 1), torch.cat([alq, -alp]),  # lv_q - lv_p: log_c cancels
+                   blp, -alp)  # -lv_p
+        return _LowRankSum.apply(_kl_terms, self.scaling, (0.0, 0.0, -self.log_c), *factors)
+
+    def neg_log_prior(self, a0: float = 1.0, b0: float = 0.01):
+        """-log p(theta) = -log [N(mu_theta; 0, I) Gamma(1/sigma_theta^2; a0, b0)] summed over the weight."""
+        b_mu, a_mu, b_lv, a_lv = self.pairs("theta")
+        terms = partial(_prior_terms, a0=a0, b0=b0)
+        return _LowRankSum.apply(terms, self.scaling, (0.0, -self.log_c), b_mu, a_mu, b_lv, -a_lv)  # mu, -lv
+
+
+# -----------------------------------------------------------------------------
+# the weight-space terms of Eq. 2
+
+
+def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p):
+    """KL(N(mu_q, e^lv_q) || N(mu_p, e^lv_p)) per entry = ½ [lv_p - lv_q + (e^lv_q + (mu_q - mu_p)^2) / e^lv_p - 1]."""
+    return 0.5 * (logvar_p - logvar_q + torch.exp(logvar_q - logvar_p) + (mu_q - mu_p) ** 2 * torch.exp(-logvar_p) - 1)
+
+
+def neg_log_prior(mu, logvar, a0: float = 1.0, b0: float = 0.01):
+    """-log [N(mu; 0, 1) Gamma(tau; a0, b0)] per entry, tau = 1/sigma^2 = e^-logvar, shape a0, rate b0:
+        ½ mu^2 + ½ log 2pi - a0 log b0 + lgamma(a0) - (a0 - 1) log tau + b0 tau."""
+    const = 0.5 * math.log(2 * math.pi) - a0 * math.log(b0) + math.lgamma(a0)
+    return 0.5 * mu**2 + const + (a0 - 1) * logvar + b0 * torch.exp(-logvar)
+
+
+def _kl_terms(d, dlv, neg_lv_p, need):
+    """gaussian_kl summed over a chunk of d = mu_q - mu_p, dlv = lv_q - lv_p, -lv_p, and its derivatives:
+        KL = ½ [-dlv + e^dlv + d^2 e^-lv_p - 1],
+        dKL/dd = d e^-lv_p,   dKL/d(dlv) = ½ (e^dlv - 1),   dKL/d(-lv_p) = ½ d^2 e^-lv_p.
+    The chunks are `_LowRankSum`'s transients, so this works in place."""
+    d_w = neg_lv_p.exp_().mul_(d)  # d / sigma_p^2
+    value = 0.5 * (torch.dot(d_w.flatten(), d.flatten()) - dlv.sum() - d.numel())
+    ratio = dlv.exp_()  # sigma_q^2 / sigma_p^2
+    value = value + 0.5 * ratio.sum()
+    return value, (d_w, ratio.sub_(1).mul_(0.5), 0.5 * d_w * d if need[2] else None)
+
+
+def _prior_terms(mu, neg_lv, need, a0, b0):
+    """neg_log_prior summed over a chunk; d/dmu = mu, d/d(-lv) = b0 e^-lv - (a0 - 1)."""
+    const = 0.5 * math.log(2 * math.pi) - a0 * math.log(b0) + math.lgamma(a0)
+    value = 0.5 * torch.dot(mu.flatten(), mu.flatten()) - (a0 - 1) * neg_lv.sum() + const * mu.numel()
+    b0_tau = neg_lv.exp_().mul_(b0)  # b0 / sigma^2
+    return value + b0_tau.sum(), (mu, b0_tau.sub_(a0 - 1))
+
+
+class _LowRankSum(torch.autograd.Function):
+    """sum_ij f(M_1, ..., M_k)_ij, M_n = s B_n A_n + c_n, row chunk by row chunk, gradients made in forward.
+
+    `terms` gives a chunk's sum and the elementwise dF/dM_n; dL/dB_n = s (dF/dM_n) A_n^T and
+    dL/dA_n = s B_n^T (dF/dM_n) accumulate as we go, so only they (adapter-sized) are kept for backward.
+    Elementwise work and each chunk's sum in fp32 (fp64 factors: fp64), chunk sums accumulated in fp64:
+    the prior is ~5e6 per entry at the start, ~1e14 over a model.
+    """
+
+    @staticmethod
+    def forward(ctx, terms, s, offsets, *factors):
+        with torch.autocast(factors[0].device.type, enabled=False):  # weight-space terms stay fp32 under autocast
+            return _LowRankSum._forward(ctx, terms, s, offsets, *factors)
+
+    @staticmethod
+    def _forward(ctx, terms, s, offsets, *factors):
+        Bs, As = factors[0::2], factors[1::2]
+        dt, dev = torch.promote_types(As[0].dtype, torch.float32), As[0].device
+        need = [ctx.needs_input_grad[3 + 2 * n] or ctx.needs_input_grad[4 + 2 * n] for n in range(len(Bs))]
+        grads = [torch.zeros(f.shape, dtype=dt, device=dev) if need[i // 2] else None for i, f in enumerate(factors)]
+        As, offsets = [A.to(dt) for A in As], [torch.full((), c, dtype=dt, device=dev) for c in offsets]
+        total, step = torch.zeros((), dtype=torch.float64, device=dev), max(1, CHUNK // As[0].shape[1])
+        for i in range(0, Bs[0].shape[0], step):
+            rows = slice(i, i + step)
+            Ms = [torch.addmm(c, B[rows].to(dt), A, alpha=s) for B, A, c in zip(Bs, As, offsets)]  # (rows, d_in)
+            value, dMs = terms(*Ms, need=need)
+            total += value
+            for n, dM in enumerate(dMs):
+                if need[n]:
+                    torch.mm(dM, As[n].T, out=grads[2 * n][rows]).mul_(s)
+                    grads[2 * n + 1].addmm_(Bs[n][rows].to(dt).T, dM, alpha=s)
+        ctx.save_for_backward(*grads)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, None, None, *(None if t is None else t * g.to(t.dtype) for t in ctx.saved_tensors)
+
+
+def bayes_layers(model) -> list[BayesLoRALinear]:
+    return [m for m in model.modules() if isinstance(m, BayesLoRALinear)]
+
+
+def model_kl(model, wrt: str | None = None):
+    """KL(q(phi|D) || p(phi|theta)) over all adapted layers, an fp64 scalar (see `_LowRankSum`)."""
+    return sum(m.kl(wrt) for m in bayes_layers(model))
+
+
+def model_neg_log_prior(model, a0: float = 1.0, b0: float = 0.01):
+    """-log p(theta) over all adapted layers: the paper's KL(q(theta) || p(theta)), after Ravi & Beatson."""
+    return sum(m.neg_log_prior(a0, b0) for m in bayes_layers(model))
+
+
+@contextmanager
+def bayes_mode(model, mode: str):
+    """Every BayesLoRALinear runs in `mode` ("sample" or "mean") inside the block, as before after it."""
+    old = {m: m.mode for m in bayes_layers(model)}
+    try:
+        for m in old:
+            m.mode = mode
+        yield model
+    finally:
+        for m, o in old.items():
+            m.mode = o
+
+
+# -----------------------------------------------------------------------------
+# injecting, grouping, saving and loading adapters
+
+
+def inject(model, method: str, targets=("wq", "wv", "wo"), rank: int = 8, alpha: float = 16, log_c: float = -20.0):
+    """Replace the nn.Linear modules named in `targets` by LoRALinear ("lora") or BayesLoRALinear ("abmll"),
+    in place, and freeze everything else. Returns the model."""
+    if method not in ("lora", "abmll"):
+        raise ValueError(f"unknown method {method!r}: adapters are 'lora' or 'abmll'")
+    if rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank}")
+    found = [(n, m) for n, m in model.named_modules() if n.rpartition(".")[2] in targets]
+    for t in targets:
+        if not any(n.rpartition(".")[2] == t for n, _ in found):
+            raise ValueError(f"target module {t!r} not found in the model")
+    for n, m in found:
+        if type(m) is not nn.Linear:
+            raise ValueError(f"target {n!r} is a {type(m).__name__}, not an nn.Linear (adapters already injected?)")
+    model.requires_grad_(False)
+    for n, m in found:
+        parent, _, leaf = n.rpartition(".")
+        new = LoRALinear(m, rank, alpha) if method == "lora" else BayesLoRALinear(m, rank, alpha, log_c)
+        setattr(model.get_submodule(parent), leaf, new)
+    return model
+
+
+def param_groups(model) -> dict[str, dict[str, nn.Parameter]]:
+    """Adapter parameters by name: {"lora": ...}, or {"theta": ..., "phi": ...}."""
+    groups = {}
+    for name, p in model.named_parameters():
+        leaf = name.rpartition(".")[2]
+        group = "lora" if leaf.startswith("lora_") else leaf.split("_")[0]
+        if group in ("lora", "theta", "phi"):
+            groups.setdefault(group, {})[name] = p
+    return groups
+
+
+def adapter_params(model) -> dict[str, nn.Parameter]:
+    return {k: p for group in param_groups(model).values() for k, p in group.items()}
+
+
+def save_adapters(model, path):
+    """The adapters only, never the base weights, as safetensors."""
+    save_file({k: p.detach().contiguous() for k, p in adapter_params(model).items()}, str(path))
+
+
+@torch.no_grad()
+def load_adapters(model, path):
+    """Adapters saved by `save_adapters`; their keys and shapes must match the model's exactly."""
+    own = adapter_params(model)
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path}: cannot read adapters ({e})") from None
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{path}: adapter keys do not match the model "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, p in own.items():
+        if state[k].shape != p.shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, the model's is {tuple(p.shape)}")
+        p.copy_(state[k])
+
+
+# -----------------------------------------------------------------------------
+# losses and update rules, shared by train.py and test-time adaptation
+
+
+def nll_loss(model, batch):
+    """-log p(D|phi): cross-entropy of the answer letter over the full vocabulary, mean over the batch."""
+    logits = model(batch["tokens"], logits_at=batch["answer_pos"][:, None])[:, 0]  # (B, V)
+    return F.cross_entropy(logits.float(), batch["answer_ids"])
+
+
+@torch.no_grad()
+def predictive_probs(model, batch, choices=None, samples: int = 1):
+    """p(y|x) ~ 1/S sum_s softmax(logits(x; phi_s)), the S-sample predictive, in the layers' current mode.
+    choices (B, C) restricts the softmax to those token ids (the example's letters); ids < 0 are padding."""
+    probs = 0.0
+    for _ in range(samples):
+        logits = model(batch["tokens"], logits_at=batch["answer_pos"][:, None])[:, 0].float()  # (B, V)
+        if choices is not None:
+            logits = logits.gather(1, choices.clamp(min=0)).masked_fill(choices < 0, float("-inf"))  # (B, C)
+        probs = probs + logits.softmax(-1)
+    return probs / samples
+
+
+def _step(opt, loss) -> float:
+    """One optimizer step; a non-finite loss (NLL or KL) stops before any adapter changes."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss ({loss.item()}): training stopped, "
+                                 "adapters kept at their last good values")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def lora_step(model, opt, batch) -> float:
+    """One AdamW step on the NLL. Regular LoRA: pooled shuffled batches, lr 5e-5. Structured LoRA: K of
+    them on one task at a time, one optimizer throughout, no reset, lr 1e-5."""
+    return _step(opt, nll_loss(model, batch))
+
+
+def abmll_inner_step(model, opt, batch, cfg: Config) -> float:
+    """Algorithm 1, inner loop: a step on phi for -E_q log p(D|phi) + beta KL(q(phi|D) || p(phi|theta))."""
+    return _step(opt, nll_loss(model, batch) + cfg.beta * model_kl(model, wrt="phi"))
+
+
+def abmll_outer_step(model, opt, cfg: Config) -> float:
+    """Algorithm 1, outer step: a step on theta for
+        -E_q log p(D|phi) + beta KL(q(phi|D) || p(phi|theta)) + beta (-log p(theta)).
+    First-order, like Reptile: phi is not differentiated through the inner loop, so the NLL does not depend
+    on theta and contributes no gradient. The step therefore runs no forward pass: the KL pulls theta
+    toward the adapted phi, the prior toward N(0, I) x Gamma(a0, b0). Returns that weight-space part."""
+    return _step(opt, cfg.beta * (model_kl(model, wrt="theta") + model_neg_log_prior(model, cfg.a0, cfg.b0)))
+
+
+def adapt(model, batches, cfg: Config) -> list[float]:
+    """One step per batch from a fresh AdamW (lr inner_lr): on phi with the ABMLL inner loss, or on the LoRA
+    adapters with the NLL. ABMLL's and Reptile's inner loops and test-time adaptation all use it, so
+    adaptation starts alike at training and at test time."""
+    groups = param_groups(model)
+    bayes = "phi" in groups
+    opt = torch.optim.AdamW(groups["phi" if bayes else "lora"].values(), lr=cfg.inner_lr, weight_decay=cfg.weight_decay)
+    return [abmll_inner_step(model, opt, b, cfg) if bayes else lora_step(model, opt, b) for b in batches]
+
+
+@torch.no_grad()
+def _copy_into(params: dict, values: dict):
+    for k, p in params.items():
+        p.copy_(values[k])
+
+
+def reptile_task(model, batches, cfg: Config) -> list[float]:
+    """Reptile: theta_i <- theta; K steps on task i; theta <- theta + eps (theta_i - theta)."""
+    params = param_groups(model)["lora"]
+    theta = {k: p.detach().clone() for k, p in params.items()}
+    try:
+        losses = adapt(model, batches, cfg)
+    except BaseException:  # a NaN, or Ctrl-C: the last good theta comes back
+        _copy_into(params, theta)
+        raise
+    _copy_into(params, {k: torch.lerp(theta[k], p, cfg.reptile_eps) for k, p in params.items()})
+    return losses
+
+
+def abmll_task(model, outer_opt, batches, cfg: Config) -> dict:
+    """One task of Algorithm 1: K inner steps on phi, one outer step on theta, then phi <- theta."""
+    try:
+        inner = adapt(model, batches, cfg)
+        outer = abmll_outer_step(model, outer_opt, cfg)
+    finally:
+        for m in bayes_layers(model):
+            m.reset_phi()
+    return {"inner": inner, "outer": outer}
+
+
+@contextmanager
+def adapted(model, support, cfg: Config):
+    """Test section of Algorithm 1: copy the adapters (never the base model), K steps on the support
+    batches, score the query inside the block; the adapters are restored after it."""
+    saved = {k: p.detach().clone() for k, p in adapter_params(model).items()}
+    try:
+        adapt(model, support, cfg)
+        yield model
+    finally:
+        _copy_into(adapter_params(model), saved)
+
+
+# -----------------------------------------------------------------------------
+# export to Hugging Face PEFT
+
+HF_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+            "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+            "feed_forward.w3": "mlp.up_proj"}
+
+
+def meta_to_hf_rows(w, n_heads: int):
+    """Meta interleaves each head's RoPE pairs in wq / wk rows; HF stores first halves, then second halves."""
+    out, cols = w.shape
+    return w.view(n_heads, out // n_heads // 2, 2, cols).transpose(1, 2).reshape(out, cols)
+
+
+def save_peft(model, out_dir, source: str = "theta"):
+    """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) for the matching transformers
+    LlamaForCausalLM: LoRA layers export A and B; ABMLL layers the posterior mean mu = s B A of `source`
+    ("theta", or "phi" after test-time adaptation). B's wq / wk rows are permuted to HF's RoPE layout."""
+    state, targets, args = {}, set(), model.args
+    for name, m in model.named_modules():
+        if isinstance(m, (LoRALinear, BayesLoRALinear)):
+            parts = name.split(".")  # layers.N.attention.wq
+            hf = HF_NAMES[".".join(parts[-2:])]
+            B, A = (m.lora_B, m.lora_A) if isinstance(m, LoRALinear) else m.pairs(source)[:2]
+            if parts[-1] in ("wq", "wk"):
+                B = meta_to_hf_rows(B, args.n_heads if parts[-1] == "wq" else args.n_kv_heads or args.n_heads)
+            prefix = f"base_model.model.model.{'.'.join(parts[:-2])}.{hf}"
+            state[f"{prefix}.lora_A.weight"] = A.detach().float().contiguous()
+            state[f"{prefix}.lora_B.weight"] = B.detach().float().contiguous()
+            targets.add(hf.rpartition(".")[2])
+            rank, alpha = m.rank, m.alpha
+    if not state:
+        raise ValueError("save_peft: the model has no adapters (inject them first)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+              "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+              "inference_mode": True, "base_model_name_or_path": None}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
