@@ -263,7 +263,7 @@ def run(args) -> dict:
         t0 = time.time()
         progress.epoch = epoch
         try:
-            loss = float("nan") if args.method == "pretrained" else train_epoch(
+            loss = None if args.method == "pretrained" else train_epoch(
                 model, opt, split, epoch, tok, args, cfg, progress)
         except FloatingPointError as e:
             progress.end_line()
@@ -272,7 +272,7 @@ def run(args) -> dict:
         val = evaluate(model, split.test, "val", tok, args, cfg)[0]
         line = dict(epoch=epoch + 1, train_loss=loss, val_acc=val["acc"], val_ece=val["ece"], val_nll=val["nll"],
                     time_s=time.time() - t0)
-        print(f"epoch {epoch + 1}: train loss {loss:.4f} | val acc {val['acc']:.3f} ece {val['ece']:.3f} "
+        print(f"epoch {epoch + 1}: train loss {'-' if loss is None else f'{loss:.4f}'} | val acc {val['acc']:.3f} ece {val['ece']:.3f} "
               f"nll {val['nll']:.3f} | {line['time_s']:.0f}s", file=sys.stderr)
         state["history"].append(line)
         if val["acc"] > state["best_acc"]:
