@@ -35,6 +35,7 @@ import fetch
 import llama
 
 METHODS = ("pretrained", "lora", "structured", "reptile", "abmll")
+RUN_ONLY = ("resume", "compare", "seeds", "device", "out")  # flags that may change when a run resumes
 # "quick" fits a 2-core CPU in minutes; "paper" is Section 5.1.1's setting (for a GPU)
 PRESETS = {"quick": dict(epochs=2, tasks_per_epoch=20, max_query=16, max_examples=200),
            "paper": dict(epochs=500, tasks_per_epoch=None, max_query=None, max_examples=None)}
@@ -56,7 +57,8 @@ def score(model, examples, tok, args):
         batch = data.collate(examples[i:i + args.eval_batch], tok, args.max_len)
         batch = {k: v.to(args.device) for k, v in batch.items()}
         with autocast(args):
-            probs.append(abmll.predictive_probs(model, batch, batch["letter_ids"], args.eval_samples).cpu())
+            samples = args.eval_samples if args.method == "abmll" else 1  # LoRA's forward is deterministic
+            probs.append(abmll.predictive_probs(model, batch, batch["letter_ids"], samples).cpu())
     return torch.cat(probs) if probs else torch.zeros(0, 4)
 
 
@@ -68,7 +70,7 @@ def evaluate(model, tasks, part, tok, args, cfg, levels=(0,)):
         support = [to_device(data.collate(held.support[i:i + 2], tok, args.max_len), args)
                    for i in range(0, len(held.support), 2)]
         examples = getattr(held, part)
-        with abmll.adapted(model, support, cfg) if args.method != "pretrained" else nullcontext(), autocast(args):
+        with autocast(args), abmll.adapted(model, support, cfg) if args.method != "pretrained" else nullcontext():
             for p in levels:
                 with evaluation.pruned(model, p, args.prune_mode):
                     probs[p].append(score(model, examples, tok, args))
@@ -212,17 +214,20 @@ def load_checkpoint(run: Path, model, opt) -> dict:
 
 def build(args, cfg):
     try:
-        model, tok = llama.load(fetch.resolve_model(args.model), device=args.device,
-                                dtype=torch.bfloat16 if args.dtype == "bf16" and args.device != "cpu" else None)
+        # fp32 unless bf16 on a GPU, whatever dtype the checkpoint stores
+        dtype = torch.bfloat16 if args.dtype == "bf16" and not args.device.startswith("cpu") else torch.float32
+        model, tok = llama.load(fetch.resolve_model(args.model), device=args.device, dtype=dtype)
     except (llama.LoadError, fetch.FetchError) as e:
         raise RunError(f"--model: {e}") from None
     if tok is None:
         raise RunError(f"--model {args.model}: no tokenizer beside the weights")
+    try:
+        data.letter_tokens(tok)  # the answer letters must be single tokens: say so before any training
+    except data.DataError as e:
+        raise RunError(f"--model {args.model}: {e}") from None
     if args.method != "pretrained":
         abmll.inject(model, "abmll" if args.method == "abmll" else "lora", rank=args.rank, alpha=args.alpha,
-                     log_c=args.log_c)
-        for p in abmll.adapter_params(model).values():  # adapters train in fp32 whatever the base dtype
-            p.data = p.data.float()
+                     log_c=args.log_c)  # adapters are fp32 whatever the base dtype
     groups = abmll.param_groups(model)
     opt = None
     if args.method == "lora":
@@ -244,18 +249,33 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     model, tok, opt = build(args, cfg)
     try:
-        split = data.load_split(args.split, args.data_dir, tok, args.max_len, args.seed,
+        split = data.load_split(args.split, args.data_dir, tok, args.max_len, args.seed, k_shot=args.inner_steps,
                                 max_examples=args.max_examples, max_query=args.max_query)
     except (data.DataError, fetch.FetchError) as e:
         raise RunError(f"--split {args.split}: {e}") from None
     epochs = 1 if args.method == "pretrained" else args.epochs
     rundir.mkdir(parents=True, exist_ok=True)
-    write_atomic(rundir / "config.json", lambda p: p.write_text(json.dumps(vars(args), indent=1)))
+    config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+    if args.resume and (rundir / "state.json").exists():
+        try:
+            old = json.loads((rundir / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise RunError(f"{rundir}/config.json: cannot read ({e}); continue elsewhere with --out") from None
+        changed = [k for k in config if k in old and old[k] != config[k]]
+        if changed:
+            k = changed[0]
+            raise RunError(f"{rundir}: --{k.replace('_', '-')} was {old[k]!r}, now {config[k]!r}; "
+                           f"resume with the run's flags or use another --out")
+    else:
+        write_atomic(rundir / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
 
     state = {"epoch": 0, "best_acc": -1.0, "best_epoch": -1, "history": [],
              "best_adapters": {k: v.detach().cpu().clone() for k, v in abmll.adapter_params(model).items()}}
     if args.resume and (rundir / "state.json").exists():
-        state = load_checkpoint(rundir, model, opt)
+        try:
+            state = load_checkpoint(rundir, model, opt)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # SafetensorError is an OSError
+            raise RunError(f"{rundir}: cannot resume ({type(e).__name__}: {e})") from None
         print(f"resuming {rundir} after epoch {state['epoch']}", file=sys.stderr)
     n_tasks = min(len(split.train), args.tasks_per_epoch or len(split.train))
     progress = Progress((epochs - state["epoch"]) * n_tasks * cfg.inner_steps, epochs)
@@ -269,7 +289,11 @@ def run(args) -> dict:
             progress.end_line()
             raise RunError(f"epoch {epoch + 1}: {e}; the last good checkpoint (epoch {state['epoch']}) is in {rundir}")
         progress.end_line()
-        val = evaluate(model, split.test, "val", tok, args, cfg)[0]
+        try:
+            val = evaluate(model, split.test, "val", tok, args, cfg)[0]
+        except (FloatingPointError, ValueError) as e:
+            raise RunError(f"epoch {epoch + 1}, validation: {e}; the last good checkpoint (epoch {state['epoch']}) "
+                           f"is in {rundir}") from None
         line = dict(epoch=epoch + 1, train_loss=loss, val_acc=val["acc"], val_ece=val["ece"], val_nll=val["nll"],
                     time_s=time.time() - t0)
         print(f"epoch {epoch + 1}: train loss {'-' if loss is None else f'{loss:.4f}'} | val acc {val['acc']:.3f} ece {val['ece']:.3f} "
@@ -279,15 +303,19 @@ def run(args) -> dict:
             state["best_acc"], state["best_epoch"] = val["acc"], epoch + 1
             state["best_adapters"] = {k: v.detach().cpu().clone() for k, v in abmll.adapter_params(model).items()}
         state["epoch"] = epoch + 1
-        save_checkpoint(rundir, model, opt, state)
+        # metrics first: it is rebuilt from the whole history, and state.json is the commit point
         write_atomic(rundir / "metrics.jsonl",
                      lambda p: p.write_text("".join(json.dumps(h) + "\n" for h in state["history"])))
+        save_checkpoint(rundir, model, opt, state)
 
     with torch.no_grad():  # the best validation epoch's adapters are the ones tested
         for k, p in abmll.adapter_params(model).items():
             p.copy_(state["best_adapters"][k])
     levels = tuple(args.prune) if args.prune else (0,)
-    test = evaluate(model, split.test, "test", tok, args, cfg, levels=(0, *[p for p in levels if p != 0]))
+    try:
+        test = evaluate(model, split.test, "test", tok, args, cfg, levels=(0, *[p for p in levels if p != 0]))
+    except (FloatingPointError, ValueError) as e:
+        raise RunError(f"test: {e}; the checkpoint is in {rundir}") from None
     final = dict(method=args.method, split=args.split, seed=args.seed, best_epoch=state["best_epoch"],
                  test_acc=test[0]["acc"], test_ece=test[0]["ece"], test_nll=test[0]["nll"], n_test=test[0]["n"],
                  wall_s=sum(h["time_s"] for h in state["history"]))
@@ -352,10 +380,23 @@ def parse_args(argv=None):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.epochs < 1:
-        p.error(f"--epochs must be at least 1, got {args.epochs}")
+    for flag in ("epochs", "tasks_per_epoch", "max_examples", "max_query", "inner_steps", "rank", "eval_samples",
+                 "eval_batch", "max_len"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
     if args.prune is not None and not args.prune:
         args.prune = list(evaluation.PRUNE_LEVELS)
+    if args.prune is not None:
+        if any(not 0 <= x < 100 for x in args.prune):
+            p.error(f"--prune: percents must be in [0, 100), got {args.prune}")
+        args.prune = sorted(set(args.prune))
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device: {args.device!r} is not a device (cpu, cuda, cuda:1)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available on this machine")
     if args.dtype == "auto":
         args.dtype = "fp32" if args.device == "cpu" else "bf16"
     return args
@@ -379,8 +420,10 @@ def main(argv=None):
                 run(argparse.Namespace(**{**vars(args), "method": method, "seed": seed, "resume": True}))
         print(f"comparison on {args.split} finished in {(time.time() - t0) / 60:.1f} min; "
               f"tables: python eval.py report {args.out}")
-    except RunError as e:
+    except (RunError, OSError, data.DataError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: continue with --resume (the last finished epoch is checkpointed)")
 
 
 if __name__ == "__main__":

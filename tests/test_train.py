@@ -86,26 +86,29 @@ def test_every_method_runs_and_writes_the_run_layout(tiny, tmp_path, method):
     assert final["pruning"]["acc"]["0"] == final["test_acc"]
 
 
-def test_sigkill_mid_run_then_resume_ends_like_an_uninterrupted_run(tiny, tmp_path):
+@pytest.mark.parametrize("method", ["abmll", "structured"])  # ABMLL's noise RNG; a persistent optimizer
+def test_sigkill_mid_run_then_resume_ends_like_an_uninterrupted_run(tiny, tmp_path, method):
     a, b = tmp_path / "a", tmp_path / "b"
-    r = run(cmd(tiny, a))
+    r = run(cmd(tiny, a, method=method))
     assert r.returncode == 0, r.stderr[-2000:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen(cmd(tiny, b), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    state = b / "nli" / "abmll" / "seed0" / "state.json"
+    p = subprocess.Popen(cmd(tiny, b, method=method), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    state = b / "nli" / method / "seed0" / "state.json"
     deadline = time.time() + 240
     while not state.exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)  # after the first epoch's checkpoint, inside the second epoch
     p.wait()
     assert json.loads(state.read_text())["epoch"] < 3
-    assert not (b / "nli" / "abmll" / "seed0" / "final.json").exists()
-    again = run(cmd(tiny, b))
+    assert not (b / "nli" / method / "seed0" / "final.json").exists()
+    again = run(cmd(tiny, b, method=method))
     assert again.returncode != 0 and "--resume" in again.stderr  # never silently overwritten
-    r = run(cmd(tiny, b, "--resume"))
+    changed = run(cmd(tiny, b, "--resume", "--lr", "1e-3", method=method))
+    assert changed.returncode != 0 and "--lr" in changed.stderr.strip().splitlines()[-1]  # flags must match
+    r = run(cmd(tiny, b, "--resume", method=method))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming" in r.stderr
-    assert results(a) == results(b)
+    assert results(a, method) == results(b, method)
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -113,6 +116,9 @@ def test_sigkill_mid_run_then_resume_ends_like_an_uninterrupted_run(tiny, tmp_pa
     (["--split", "nope"], "split"),
     (["--epochs", "0"], "--epochs"),
     (["--model", "/no/such/model"], "/no/such/model"),
+    (["--tasks-per-epoch", "0"], "--tasks-per-epoch"),
+    (["--prune", "150"], "--prune"),
+    (["--eval-samples", "0"], "--eval-samples"),
 ])
 def test_bad_flags_end_in_one_line(tiny, tmp_path, extra, needle):
     r = run(cmd(tiny, tmp_path, *extra))
