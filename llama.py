@@ -293,11 +293,6 @@ class Tokenizer:
         stops = {"llama3": ["<|eot_id|>", "<|eom_id|>"], "chatml": ["<|im_end|>"]}.get(chat_format, [])
         self.stop_ids = {eos_id} | {specials[s] for s in stops if s in specials}
 
-    @property
-    def n_words(self) -> int:
-        b = self.backend
-        return b.n_vocab if hasattr(b, "n_vocab") else b.vocab_size()
-
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Plain text to ids; special-token strings in the text are encoded as ordinary text."""
         if hasattr(self.backend, "encode_ordinary"):

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 import time
 from contextlib import nullcontext
@@ -103,8 +104,6 @@ def epoch_tasks(split, epoch, args, cfg):
     episodes = episodes[:args.tasks_per_epoch]  # the order is shuffled by (seed, epoch)
     if args.method != "lora":
         return episodes
-    import random
-
     pool = [e for t in sorted(split.train) for e in split.train[t]]
     rng = random.Random(f"{args.seed}-{epoch}-pooled")
     need = 2 * cfg.inner_steps * len(episodes)  # as many steps as the meta-learners take
