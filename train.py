@@ -18,7 +18,6 @@ Run directories are laid out as eval.py's docstring says: {out}/{split}/{method}
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
