@@ -33,7 +33,9 @@ P = weights of the blocks' linear layers, H heads of size hd, L layers, vocabula
                low-rank products (mu and sigma made in forward and again in backward, their dB and dA, and
                the KL with its gradients)
 A training step needs the head only at the answer position (N_head = B): a full (B, T, V) head is
-waste and lowers the fraction. The forward row computes every position's logits (N_head = N).
+waste and lowers the fraction; so are the last block's queries, wo and FFN anywhere else (its keys
+and values are needed everywhere), and the count leaves them out. The forward row computes every
+position's logits (N_head = N).
 Attention aside, the count equals torch.utils.flop_counter's for the forward and the LoRA step exactly,
 and for ABMLL's step in every term that grows with the tokens (tests/test_bench.py).
 """
@@ -174,19 +176,30 @@ def model_flops(args: llama.ModelArgs, B: int, T: int, head_rows: int, method: s
     """Analytic FLOPs of a forward (method None) or of a "lora" / "abmll" training step (module docstring)."""
     d, H, kv, hd, L = args.dim, args.n_heads, args.n_kv_heads or args.n_heads, args.head_dim, args.n_layers
     N = B * T
-    P = L * (d * H * hd + 2 * d * kv * hd + H * hd * d + 3 * d * args.ffn_dim)
-    attn = L * 2 * B * H * hd * T * T
+    Nl = N if method is None else head_rows  # tokens of the last block's wq, wo and FFN
+    wq, wkv, wo, ffn = d * H * hd, 2 * d * kv * hd, H * hd * d, 3 * d * args.ffn_dim
+    blocks = 2 * (L * wkv * N + (L - 1) * (wq + wo + ffn) * N + (wq + wo + ffn) * Nl)
+    attn = attention_flops(args, B, T, None if method is None else head_rows)
     head = 2 * args.vocab_size * d * head_rows
     if method is None:
-        return 2 * P * N + attn + head
+        return blocks + attn + head
     # layer 0's wq, wk, wv need no input gradient: their input comes from the frozen embeddings
-    total = 2 * (2 * P * N + head) + 3 * attn - 2 * N * d * (H * hd + 2 * kv * hd)
+    total = 2 * (blocks + head) + 3 * attn - 2 * N * (wq + wkv)
     for i, (d_in, d_out) in enumerate([(d, H * hd), (d, kv * hd), (H * hd, d)]):  # wq, wv, wo
+        tokens = (L - 1) * N + (N if i == 1 else Nl)  # the last block's wv sees every token
         if method == "lora":
-            total += L * 6 * rank * (d_in + d_out) * N - (2 * rank * d_in * N if i < 2 else 0)  # layer 0 again
+            total += 6 * rank * (d_in + d_out) * tokens - (2 * rank * d_in * N if i < 2 else 0)  # layer 0 again
         else:
-            total += L * (2 * d_in * d_out * N + 32 * rank * d_in * d_out)
+            total += 2 * d_in * d_out * tokens + L * 32 * rank * d_in * d_out
     return total
+
+
+def attention_flops(args: llama.ModelArgs, B: int, T: int, rows: int | None = None) -> float:
+    """QK^T and AV: causal half in every block; with `rows` queries in the last block, each seeing <= T keys."""
+    per_layer = 2 * B * args.n_heads * args.head_dim * T * T
+    if rows is None:
+        return args.n_layers * per_layer
+    return (args.n_layers - 1) * per_layer + 4 * args.n_heads * args.head_dim * T * rows
 
 
 # -----------------------------------------------------------------------------

@@ -120,11 +120,16 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return torch.where(wavelen < high_wavelen, inv_freq, scaled)
 
 
+def gather(x, at):
+    """x (B, T, D) at positions at (B, P) -> (B, P, D)."""
+    return x.gather(1, at[..., None].expand(-1, -1, x.size(-1)))
+
+
 def apply_rope(x, freqs_cis):
     """Rotate interleaved pairs (x[2i], x[2i+1]) by position * theta_i, as one complex multiply
     (fewer kernels than the real-valued form on strided halves). x: (B, T, H, hd)."""
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, hd/2)
-    return torch.view_as_real(xc * freqs_cis[:, None, :]).flatten(-2).type_as(x)
+    return torch.view_as_real(xc * freqs_cis.unsqueeze(-2)).flatten(-2).type_as(x)  # freqs: (T | B,T, hd/2)
 
 
 class Attention(nn.Module):
@@ -139,12 +144,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
         self.cache_k = self.cache_v = None  # opt-in KV cache, see Transformer.setup_cache
 
-    def forward(self, x, freqs_cis, start_pos: int = 0):
+    def forward(self, x, freqs_cis, start_pos: int = 0, at=None):
+        """Queries at every position, or only at `at` (B, P) positions, each seeing keys up to its own."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        xq, fq = (x, freqs_cis) if at is None else (gather(x, at), freqs_cis[at])
+        q = self.wq(xq).view(B, xq.size(1), self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
+        q, k = apply_rope(q, fq), apply_rope(k, freqs_cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         mask, causal = None, T > 1
         if self.cache_k is not None:
@@ -154,10 +161,11 @@ class Attention(nn.Module):
             v = self.cache_v[:B, :, :start_pos + T]
             if start_pos > 0 and T > 1:  # new queries see the whole prefix plus a causal block
                 mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
-                causal = False
+        if at is not None:
+            mask = (start_pos + at)[:, None, :, None] >= torch.arange(start_pos + T, device=x.device)  # (B,1,P,T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, H*hd)
+        return self.wo(y.transpose(1, 2).reshape(B, xq.size(1), -1))  # (B, T | P, H*hd)
 
 
 class FeedForward(nn.Module):
@@ -179,8 +187,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, freqs_cis, start_pos: int = 0):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos)
+    def forward(self, x, freqs_cis, start_pos: int = 0, at=None):
+        """The residual stream (B, T, dim), or (B, P, dim) at the `at` positions only."""
+        h = (x if at is None else gather(x, at)) + self.attention(self.attention_norm(x), freqs_cis, start_pos, at)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -208,11 +217,11 @@ class Transformer(nn.Module):
         angles = torch.outer(pos, self.inv_freq)  # (T, hd/2)
         freqs_cis = torch.polar(torch.ones_like(angles), angles)  # cos + i sin, (T, hd/2)
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        for layer in self.layers:
+        *body, last = self.layers
+        for layer in body:
             h = layer(h, freqs_cis, start_pos)
-        if logits_at is not None:
-            h = h.gather(1, logits_at[..., None].expand(-1, -1, h.size(-1)))  # (B, P, dim)
-        h = self.norm(h)
+        h = last(h, freqs_cis, start_pos, at=logits_at)  # with logits_at, the last block's queries, wo
+        h = self.norm(h)  # and FFN run only there: ~1/n_layers of a step saved (3% measured, 135M, T=256)
         return F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int | None = None):

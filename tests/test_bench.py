@@ -88,9 +88,10 @@ def counted_flops(method, T, B=2):
                 model(batch["tokens"])
         else:
             bench.our_loss(abmll.inject(model, method), batch, method, abmll.Config()).backward()
-    attention = args.n_layers * 2 * B * args.n_heads * args.head_dim * T * T  # not counted by FlopCounterMode on CPU
+    # attention is not counted by FlopCounterMode on CPU
     if method is None:
-        return fc.get_total_flops(), bench.model_flops(args, B, T, B * T, None) - attention
+        return fc.get_total_flops(), bench.model_flops(args, B, T, B * T, None) - bench.attention_flops(args, B, T)
+    attention = bench.attention_flops(args, B, T, rows=B)
     return fc.get_total_flops(), bench.model_flops(args, B, T, B, method) - 3 * attention  # backward: twice more
 
 

@@ -58,7 +58,18 @@ def test_logits_at_equals_full_logits():
     pos = torch.tensor([[3, 11], [0, 7]])
     part = model(tokens, logits_at=pos)
     assert part.shape == (2, 2, 512)
-    torch.testing.assert_close(part, full.gather(1, pos[..., None].expand(-1, -1, 512)))
+    ref = full.gather(1, pos[..., None].expand(-1, -1, 512))
+    torch.testing.assert_close(part, ref)
+    # the last block runs only at those positions: the gradients must not change either (fp64: exact)
+    model = model.double()
+    part, ref = model(tokens, logits_at=pos), model(tokens).gather(1, pos[..., None].expand(-1, -1, 512))
+    last = model.layers[-1]
+    params = [last.attention.wq.weight, last.attention.wk.weight, last.feed_forward.w2.weight,
+              model.layers[0].attention.wv.weight]
+    g_part = torch.autograd.grad(part.square().sum(), params)
+    g_ref = torch.autograd.grad(ref.square().sum(), params)
+    for a, b in zip(g_part, g_ref):
+        torch.testing.assert_close(a, b)
 
 
 def test_kv_cache_matches_recompute():
