@@ -482,7 +482,10 @@ def run(args) -> dict:
             R[f"abmll_vs_lora_saved_bytes{suffix}"] = (R[f"abmll_step{suffix}_saved_bytes"]
                                                         / R[f"lora_step{suffix}_saved_bytes"])
             R[f"lora_step{suffix}_speedup_vs_fp32"] = R["lora_step_s"] / R[f"lora_step{suffix}_s"]
-    R["forward_speedup_vs_transformers"] = R["lora_step_speedup_vs_peft"] = R["lora_step_bf16_speedup_vs_peft"] = None
+    for k in ("forward_speedup_vs_transformers", "scoring_forward_speedup_vs_transformers",
+              "scoring_forward_speedup_vs_transformers_all_logits", "lora_step_speedup_vs_peft",
+              "lora_step_bf16_speedup_vs_peft"):
+        R[k] = None  # skipped rows stay in the JSON as null
     if ref:
         R["forward_speedup_vs_transformers"] = R["transformers_forward_s"] / R["forward_s"]
         R["scoring_forward_speedup_vs_transformers"] = R["transformers_scoring_forward_s"] / R["scoring_forward_s"]
