@@ -148,3 +148,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
         from safetensors.torch import load_file
 
         assert all(torch.isfinite(v).all() for k, v in load_file(str(d / state["file"])).items() if k.startswith("adapter."))
+
+
+def test_presets_set_learning_rates_unless_given():
+    import abmll
+    import train
+    quick, paper = train.parse_args([]), train.parse_args(["--preset", "paper"])
+    c = abmll.Config()
+    assert (paper.lr, paper.inner_lr, paper.outer_lr) == (c.lr, c.inner_lr, c.outer_lr)  # Section 5.1.1
+    assert (quick.lr, quick.inner_lr, quick.outer_lr) == pytest.approx((10 * c.lr, 10 * c.inner_lr, 10 * c.outer_lr))
+    assert train.parse_args(["--inner-lr", "3e-5"]).inner_lr == 3e-5  # a flag wins over the preset
