@@ -153,7 +153,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, fq), apply_rope(k, freqs_cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
-        mask, causal = None, T > 1
+        mask = None
         if self.cache_k is not None:
             self.cache_k[:B, :, start_pos:start_pos + T] = k
             self.cache_v[:B, :, start_pos:start_pos + T] = v
@@ -163,7 +163,7 @@ class Attention(nn.Module):
                 mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)
         if at is not None:
             mask = (start_pos + at)[:, None, :, None] >= torch.arange(start_pos + T, device=x.device)  # (B,1,P,T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, xq.size(1), -1))  # (B, T | P, H*hd)
 
