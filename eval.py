@@ -315,12 +315,25 @@ def _cells(runs, split, method):
     return [r for r in runs if r["split"] == split and r["method"] == method]
 
 
+def _chance_row(runs, splits):
+    """A uniform guess over each test example's options, per split (mean over the seeds' test sets)."""
+    cells = []
+    for split in splits:
+        by_seed = {r["seed"]: r["final"]["test_chance"] for r in runs
+                   if r["split"] == split and _number(r["final"].get("test_chance"))}
+        cells.append(f"{100 * sum(by_seed.values()) / len(by_seed):.1f}%" if by_seed else "—")
+    return ["Chance (1 / options)"] + cells
+
+
 def results_tables(runs):
     """Table 1 (test accuracy and ECE, methods x splits, mean ± s.e. over seeds) and the runs behind it."""
     splits, methods = _orders(runs)
     out = [_grid(f"Test {name} (mean ± s.e. over seeds)", methods, splits, splits,
                  lambda m, s: [r["final"][key] for r in _cells(runs, s, m)], percent)
            for name, key, percent in (("accuracy", "test_acc", True), ("ECE", "test_ece", False))]
+    chance = _chance_row(runs, splits)
+    if set(chance[1:]) != {"—"}:  # runs before test_chance was recorded have none
+        out[0] += "\n| " + " | ".join(chance) + " |"
 
     def runs_cell(c):
         if not c:

@@ -88,6 +88,12 @@ def evaluate(model, tasks, part, tok, args, cfg, levels=(0,)):
     return out
 
 
+def chance(held_out) -> float:
+    """Accuracy of a uniform guess over each test example's options: the floor a method without skill sits on."""
+    examples = [e for held in held_out for e in held.test]
+    return sum(1 / len(e.options) for e in examples) / max(len(examples), 1)
+
+
 def autocast(args):
     # bf16 autocast on CUDA; on CPU fp32 unless asked (the adapters' noise path stays apart from W0 x)
     return torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
@@ -320,7 +326,7 @@ def run(args) -> dict:
         raise RunError(f"test: {e}; the checkpoint is in {rundir}") from None
     final = dict(method=args.method, split=args.split, seed=args.seed, best_epoch=state["best_epoch"],
                  test_acc=test[0]["acc"], test_ece=test[0]["ece"], test_nll=test[0]["nll"], n_test=test[0]["n"],
-                 wall_s=sum(h["time_s"] for h in state["history"]))
+                 test_chance=chance(split.test.values()), wall_s=sum(h["time_s"] for h in state["history"]))
     if args.prune:
         final["pruning"] = {"mode": args.prune_mode, "acc": {str(p): test[p]["acc"] for p in sorted(test)},
                             "ece": {str(p): test[p]["ece"] for p in sorted(test)}}

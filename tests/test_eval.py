@@ -283,6 +283,21 @@ def test_report_tables_and_curves(tmp_path, capsys):
     assert capsys.readouterr().err.count("warning:") == 5
 
 
+def test_report_chance_row(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for seed, chance in ((0, 0.25), (1, 0.5)):
+        for method in ("pretrained", "abmll"):
+            d = _write_run(root, "nli", method, seed, 0.5, 0.1, pruning=False)
+            final = json.loads((d / "final.json").read_text())
+            (d / "final.json").write_text(json.dumps(final | {"test_chance": chance}))
+    _write_run(root, "cls", "abmll", 0, 0.6, 0.2, pruning=False)  # an older run: no test_chance
+    out = ev.report(root)
+    capsys.readouterr()
+    accuracy = out[out.index("### Test accuracy"):out.index("### Test ECE")]
+    assert "| Chance (1 / options) | — | 37.5% |" in accuracy  # mean over the seeds' test sets
+    assert accuracy.strip().endswith("37.5% |")
+
+
 def test_moving_average():
     assert ev.moving_average([3, 6, 9, 0]) == [3, 4.5, 6, 5]
 

@@ -82,6 +82,7 @@ def test_every_method_runs_and_writes_the_run_layout(tiny, tmp_path, method):
     final, hist = results(tmp_path, method)
     assert len(hist) == (1 if method == "pretrained" else 2)
     assert final["n_test"] == 7 * 4 and 0 <= final["test_acc"] <= 1 and 0 <= final["test_ece"] <= 1
+    assert final["test_chance"] == 0.5  # every tiny test example has two options
     assert set(final["pruning"]["acc"]) == {"0", "1", "10", "20", "30"}
     assert final["pruning"]["acc"]["0"] == final["test_acc"]
 
