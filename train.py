@@ -89,7 +89,8 @@ def evaluate(model, tasks, part, tok, args, cfg, levels=(0,)):
 
 
 def chance(held_out) -> float:
-    """Accuracy of a uniform guess over each test example's options: the floor a method without skill sits on."""
+    """Expected accuracy of a uniform guess over each test example's options (what a method without skill
+    scores on average; a letter bias moves it up or down with each sample's label balance)."""
     examples = [e for held in held_out for e in held.test]
     return sum(1 / len(e.options) for e in examples) / max(len(examples), 1)
 
