@@ -14,7 +14,10 @@ embedded in the input, or else the task's label set):
 Training tasks are read from `{task}_16384_100_train` (MetaICL's meta-training files); a held-out
 task's support examples from `{task}_16_{seed}_train`, its validation examples from `..._dev`,
 its test examples from `..._test`. Only examples with 2-4 options whose output is one of them
-are kept; what was dropped, and why, is reported per task.
+are kept; what was dropped, and why, is reported per task (`report_summary`, printed by every
+run and saved in its directory as data_report.json). A line whose fields have the wrong types
+(options not a list of strings, input or output not a string) is dropped and named by file and
+line; a file that is not UTF-8 or not JSON lines is an error naming the file and line.
 
     python data.py prepare                              # build the offline benchmark (once)
     python data.py stats --split nli                    # its nli split, per task
@@ -52,6 +55,10 @@ import fetch
 
 LETTERS = "ABCD"
 PROMPT = "Return the label of the correct answer for the question below.\n\nQuestion: {question}\n\nChoices:\n{choices}"
+# the authors' code's prompt (its user turn); the answer is the letter there too
+OFFICIAL_PROMPT = ("Return only the label of the correct answer for the question below.\n\n{task}: {question}\n"
+                   "Choices:\n{choices}\nAnswer:\n")
+PROMPTS = {"paper": PROMPT, "official": OFFICIAL_PROMPT}
 TRAIN_FILE, TEST_K, DATA_SEED = (16384, 100), 16, 100  # MetaICL: {task}_16384_100_train, {task}_16_{seed}_*
 
 
@@ -193,20 +200,48 @@ class Split:
     train: dict[str, list[Example]]
     test: dict[str, HeldOut]
     report: dict[str, Counter] = field(default_factory=dict)  # task -> {"kept": n, reason: n}
+    problems: dict[str, list[str]] = field(default_factory=dict)  # task -> ["file:line: what is wrong"]
 
 
 _CHOICE = re.compile(r"\s*\(([A-Z])\)\s+")
 
 
-def _read_rows(path: Path) -> list[tuple[str, str, list[str] | None]]:
-    """(input, output, options) per line of a MetaICL .jsonl or CrossFit .tsv; options None = not given."""
+def _type_problem(text, out, opts) -> tuple[str, str] | None:
+    """(reason, what) when a jsonl line's fields have the wrong types, else None."""
+    def shown(v):
+        return json.dumps(v, ensure_ascii=False)[:40]
+
+    if not isinstance(text, str):
+        return "input not a string", f"input is {shown(text)}, not a string"
+    if not isinstance(out, str):
+        return "output not a string", f"output is {shown(out)}, not a string"
+    if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
+        return "options not a list of strings", f"options is {shown(opts)}, not a list of strings"
+    return None
+
+
+def _read_rows(path: Path, problems: list | None = None) -> list[tuple[str, str, list[str] | None]]:
+    """(input, output, options) per line of a MetaICL .jsonl or CrossFit .tsv; options None = not given.
+
+    A jsonl line whose fields have the wrong types is left out and appended to `problems` as
+    (reason, "file:line: what"); without a `problems` list it is an error.
+    """
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    try:
+        f = open(path, "rb")  # bytes, so that a line that is not UTF-8 can be named
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not UTF-8 text (byte {e.start + 1} of the line is "
+                                f"{raw[e.start]:#04x})") from None
             if not line.strip():
                 continue
             if path.suffix == ".tsv":
-                parts = line.rstrip("\n").split("\t")
+                parts = line.rstrip("\r\n").split("\t")
                 if len(parts) < 2:
                     raise DataError(f"{path}:{n}: expected 'input<TAB>output'")
                 text, out, opts = parts[0], parts[1], None
@@ -217,10 +252,22 @@ def _read_rows(path: Path) -> list[tuple[str, str, list[str] | None]]:
                 continue
             try:
                 d = json.loads(line)
-                rows.append((d["input"], d["output"], list(d.get("options") or [])))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                what = f"missing key {e}" if isinstance(e, KeyError) else f"malformed json ({e})"
-                raise DataError(f"{path}:{n}: {what}") from None
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: malformed json ({e})") from None
+            if not isinstance(d, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(d).__name__}")
+            missing = [k for k in ("input", "output") if k not in d]
+            if missing:
+                raise DataError(f"{path}:{n}: missing key '{missing[0]}'")
+            text, out, opts = d["input"], d["output"], d.get("options")
+            opts = [] if opts is None else opts  # no options: a generative line, dropped by _keep
+            bad = _type_problem(text, out, opts)
+            if bad is None:
+                rows.append((text, out, opts))
+            elif problems is None:
+                raise DataError(f"{path}:{n}: {bad[1]}")
+            else:
+                problems.append((bad[0], f"{path}:{n}: {bad[1]}"))
     return rows
 
 
@@ -248,10 +295,16 @@ def _task_path(data_dir: Path, task: str, k: int, seed: int, part: str) -> Path 
     return None
 
 
-def _read_task(task, files, report, tok=None, max_len=None) -> dict[str, list[Example]]:
+def _read_task(task, files, report, tok=None, max_len=None, problems=None) -> dict[str, list[Example]]:
     """Read {part: path} of one task; a TSV without embedded options gets the task's label set.
-    With a tokenizer, examples whose choices alone do not fit in max_len tokens are dropped too."""
-    rows = {part: _read_rows(p) for part, p in files.items()}
+    With a tokenizer, examples whose choices alone do not fit in max_len tokens are dropped too.
+    Lines with wrong types are counted in `report` and named in `problems` ("file:line: what")."""
+    found = []
+    rows = {part: _read_rows(p, found) for part, p in files.items()}
+    for reason, where in found:
+        report[reason] += 1
+        if problems is not None:
+            problems.append(where)
     labels = sorted({out for rs in rows.values() for _, out, opts in rs if opts is None})
     out = {part: _keep(task, [(t, o, labels if opts is None else opts) for t, o, opts in rs], report)
            for part, rs in rows.items()}
@@ -294,7 +347,7 @@ def load_split(split: str, data_dir=None, tok=None, max_len: int = 256, seed: in
         raise DataError(f"--data-dir {data_dir}: not a directory")
     meta = data_dir / "tasks.json"  # present in an offline benchmark; it decides what nli/para/mcqa mean
     if meta.exists() and split in OFFLINE_HELD_OUT:
-        train_tasks, test_tasks = offline_split(split, json.loads(meta.read_text())["tasks"])
+        train_tasks, test_tasks = offline_split(split, _tasks_json(meta))
     elif split in PAPER_SPLITS:
         train_tasks, test_tasks = PAPER_SPLITS[split]
     else:
@@ -312,12 +365,12 @@ def load_split(split: str, data_dir=None, tok=None, max_len: int = 256, seed: in
                         f".jsonl for training, {{task}}_{TEST_K}_{test_seed}_{{train,dev,test}}.jsonl held out"
                         + ("; the paper's splits need MetaICL's data: --data-dir" if meta.exists() else "") + ")")
 
-    report = {t: Counter() for t in wanted}
-    train = {t: _shuffled(_read_task(t, wanted[t], report[t], tok, max_len)["train"], f"{seed}-{t}", max_examples)
-             for t in train_tasks}
+    report, problems = {t: Counter() for t in wanted}, {t: [] for t in wanted}
+    train = {t: _read_task(t, wanted[t], report[t], tok, max_len, problems[t])["train"] for t in train_tasks}
+    train = {t: _shuffled(exs, f"{seed}-{t}", max_examples) for t, exs in train.items()}
     test, need = {}, k_shot * batch_size
     for t in test_tasks:
-        parts = _read_task(t, wanted[t], report[t], tok, max_len)
+        parts = _read_task(t, wanted[t], report[t], tok, max_len, problems[t])
         support = _shuffled(parts["train"], f"{seed}-{t}")[:need]
         if len(support) < need:
             raise DataError(f"{wanted[t]['train']}: {len(support)} usable support examples, need {need}")
@@ -325,8 +378,27 @@ def load_split(split: str, data_dir=None, tok=None, max_len: int = 256, seed: in
         val = [e for e in _shuffled(parts["dev"], f"{seed}-{t}-val") if (e.input, tuple(e.options)) not in seen]
         seen |= {(e.input, tuple(e.options)) for e in val}
         tst = [e for e in _shuffled(parts["test"], f"{seed}-{t}-test") if (e.input, tuple(e.options)) not in seen]
+        for why, n in (("dev duplicates of support", len(parts["dev"]) - len(val)),
+                       ("test duplicates of support or dev", len(parts["test"]) - len(tst))):
+            report[t][why] += n  # dropped like the other reasons, so kept + dropped = lines read
+            report[t]["kept"] -= n
         test[t] = HeldOut(support, val[:max_query], tst[:max_query])
-    return Split(split, train, test, report)
+    for part in ("val", "test"):
+        if test and not any(getattr(h, part) for h in test.values()):
+            raise DataError(f"split {split}: no held-out task has {part} examples left in {data_dir} "
+                            f"({'; '.join(f'{t}: {_why(report[t])}' for t in test)})")
+    return Split(split, train, test, report, problems)
+
+
+def _tasks_json(path: Path) -> dict:
+    """The {task: {"category": ...}} table of an offline-layout tasks.json."""
+    try:
+        tasks = json.loads(path.read_text(encoding="utf-8"))["tasks"]
+        if isinstance(tasks, dict) and all(isinstance(m, dict) and "category" in m for m in tasks.values()):
+            return tasks
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    raise DataError(f'{path}: unreadable or malformed, expected {{"tasks": {{task: {{"category": ...}}}}}}')
 
 
 def _why(report: Counter) -> str:
@@ -338,13 +410,74 @@ def describe(split: Split) -> str:
     return "\n".join(f"{t}: kept {r['kept']}, {_why(r)}" for t, r in split.report.items())
 
 
+WARN_SHARE = 0.25  # a task that loses more than this share of its lines gets a warning line
+MAX_PROBLEMS = 20  # lines with wrong types named per task in data_report.json (all are counted)
+
+
+def report_summary(split: Split) -> tuple[list[str], dict]:
+    """What every run prints and saves about its data: (lines, details).
+
+    lines: one summary line for the training tasks, one for the held-out tasks, then a warning line
+    for each task that lost more than WARN_SHARE of its lines (wrong types, no options, output not
+    among the options, too long, duplicates) and for each held-out task left with no validation or
+    test examples (the pooled score then covers the other tasks only). details: per task, its role,
+    lines read, kept, dropped by reason, examples used per part, and the lines with wrong types.
+    """
+    tasks, warnings = {}, []
+    for t, r in split.report.items():
+        read, held = sum(r.values()), split.test.get(t)
+        dropped = {why: n for why, n in r.items() if why != "kept" and n}
+        used = ({"support": len(held.support), "val": len(held.val), "test": len(held.test)} if held
+                else {"train": len(split.train.get(t, []))})
+        problems = split.problems.get(t, [])
+        tasks[t] = {"role": "held-out" if held else "train", "lines": read, "kept": r["kept"],
+                    "dropped": dropped, "used": used, "problems": problems[:MAX_PROBLEMS]}
+        lost, empty = read - r["kept"], [part for part in ("val", "test") if held and not used[part]]
+        for part in empty:  # the more telling warning of the two
+            warnings.append(f"warning: held-out task {t} has no {part} examples left ({_why(r)}); "
+                            f"its {part} score is missing from the pooled one")
+        if read and lost / read > WARN_SHARE and not empty:
+            warnings.append(f"warning: task {t} lost {lost} of its {read} lines ({lost / read:.0%}): {_why(r)}"
+                            + (f"; e.g. {problems[0]}" if problems else ""))
+    lines = []
+    for role in ("train", "held-out"):
+        ts = {t: d for t, d in tasks.items() if d["role"] == role}
+        drops = Counter()
+        for d in ts.values():
+            drops.update(d["dropped"])
+        read, kept = sum(d["lines"] for d in ts.values()), sum(d["kept"] for d in ts.values())
+        use = (f"{sum(d['used']['train'] for d in ts.values())} training examples" if role == "train" else
+               " / ".join(f"{sum(d['used'][p] for d in ts.values())} {p}" for p in ("support", "val", "test")))
+        lines.append(f"data {split.name}: {len(ts)} {'training' if role == 'train' else 'held-out'} "
+                     f"task{'s' * (len(ts) != 1)}, "
+                     f"kept {kept} of {read} lines ({_why(drops)}), using {use}")
+    lines += warnings
+    return lines, {"split": split.name, "warn_share": WARN_SHARE, "summary": lines[:2], "warnings": warnings,
+                   "tasks": tasks}
+
+
+def save_report(split: Split, path: Path) -> dict:
+    """Print report_summary's lines to stderr and write its details to `path` (a run's data_report.json)."""
+    lines, details = report_summary(split)
+    print("\n".join(lines) + f"\n(per task: {path})", file=sys.stderr)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(details, indent=1, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return details
+
+
 # -----------------------------------------------------------------------------
 # prompt, batches and scores
 
 
-def format_prompt(question: str, options: list[str]) -> str:
-    """Appendix A.3's prompt; the answer is the option's letter."""
-    return PROMPT.format(question=question, choices="\n".join(f"{l}) {o}" for l, o in zip(LETTERS, options)))
+def format_prompt(question: str, options: list[str], task: str = "", prompt: str = "paper") -> str:
+    """Appendix A.3's prompt ("paper") or the authors' code's ("official", which names the task); the answer
+    is the option's letter."""
+    choices = "\n".join(f"{l}) {o}" for l, o in zip(LETTERS, options))
+    return PROMPTS[prompt].format(question=question, choices=choices, task=task)
 
 
 def letter_tokens(tok) -> list[int]:
@@ -358,12 +491,13 @@ def letter_tokens(tok) -> list[int]:
 
 
 def fits(ex: Example, tok, max_len: int, base: int = 0) -> bool:
-    """Whether the prompt with an empty question, plus the letter, fits in max_len tokens."""
-    rest = format_prompt("...", ex.options)
+    """Whether the prompt with an empty question, plus the letter, fits in max_len tokens, in the longer of
+    the two prompts: the examples kept never depend on --prompt, so runs with either pair up example by example."""
+    rest = max((format_prompt("...", ex.options, ex.task, p) for p in PROMPTS), key=len)
     return len(rest.encode()) + base < max_len or len(tok.encode_chat(rest)) < max_len  # bytes bound tokens
 
 
-def encode(ex: Example, tok, max_len: int, letters: list[int]) -> list[int]:
+def encode(ex: Example, tok, max_len: int, letters: list[int], prompt: str = "paper") -> list[int]:
     """Chat-wrapped prompt + the answer letter, at most max_len ids.
 
     A long question loses its beginning (never the choices nor the answer): the smallest cut of
@@ -371,7 +505,7 @@ def encode(ex: Example, tok, max_len: int, letters: list[int]) -> list[int]:
     """
     def ids(cut):
         q = ex.input if cut == 0 else "..." + ex.input[cut:]
-        return tok.encode_chat(format_prompt(q, ex.options))
+        return tok.encode_chat(format_prompt(q, ex.options, ex.task, prompt))
 
     full = ids(0)
     if len(full) < max_len:
@@ -386,7 +520,7 @@ def encode(ex: Example, tok, max_len: int, letters: list[int]) -> list[int]:
     return ids(lo) + [letters[ex.label]]
 
 
-def collate(examples: list[Example], tok, max_len: int = 256) -> dict[str, torch.Tensor]:
+def collate(examples: list[Example], tok, max_len: int = 256, prompt: str = "paper") -> dict[str, torch.Tensor]:
     """A right-padded batch; right padding leaves causal attention over the real tokens exact.
 
     tokens (B, T), loss_mask (B, T) True at the answer letter only, answer_pos (B,) = the position
@@ -394,7 +528,7 @@ def collate(examples: list[Example], tok, max_len: int = 256) -> dict[str, torch
     letters' ids (-1 beyond its options), n_options (B,), labels (B,) = index of the correct option.
     """
     letters = letter_tokens(tok)
-    seqs = [encode(ex, tok, max_len, letters) for ex in examples]
+    seqs = [encode(ex, tok, max_len, letters, prompt) for ex in examples]
     B, T = len(seqs), max(map(len, seqs))
     tokens = torch.full((B, T), tok.pad_id, dtype=torch.long)
     loss_mask = torch.zeros(B, T, dtype=torch.bool)
@@ -453,7 +587,11 @@ def _stamp() -> str:
 def ensure_benchmark() -> Path:
     """The offline benchmark's directory, built first if it is missing or stale."""
     meta = benchmark_dir() / "tasks.json"
-    if not meta.exists() or json.loads(meta.read_text()).get("stamp") != _stamp():
+    try:
+        stamp = json.loads(meta.read_text(encoding="utf-8")).get("stamp")
+    except (OSError, ValueError, AttributeError):  # missing, or not what prepare() writes: rebuild
+        stamp = None
+    if stamp != _stamp():
         print("building the offline benchmark (once) ...", file=sys.stderr)
         prepare()
     return benchmark_dir()
@@ -543,7 +681,7 @@ def prepare(max_examples: int = 1000, seed: int = 0, max_chars: int = 2000) -> P
     for spec, lic in LICENSES.items():
         print(f"source {spec}: {lic}", file=sys.stderr)
     root = benchmark_dir()
-    root.parent.mkdir(parents=True, exist_ok=True)
+    fetch.writable(root.parent)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix="benchmark.tmp-"))
     held = {t for ts in OFFLINE_HELD_OUT.values() for t in ts}
     meta = {}
@@ -582,6 +720,8 @@ def prepare(max_examples: int = 1000, seed: int = 0, max_chars: int = 2000) -> P
             os.replace(root, old)
         os.replace(tmp, root)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # a full disk: the temp dir goes, a previous benchmark stays
+        raise DataError(f"{root.parent}: cannot build the offline benchmark ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
@@ -613,7 +753,7 @@ def main(argv=None):
         if args.json:
             print(json.dumps({"train": train, "test": test}))
             return
-        print(describe(s), file=sys.stderr)
+        print(describe(s) + "\n" + "\n".join(report_summary(s)[0]), file=sys.stderr)
         print(f"split {args.split}: {len(train)} training tasks, {sum(train.values())} examples\n"
               + "".join(f"  train {t:45s} {n:5d}\n" for t, n in train.items())
               + f"{len(test)} held-out tasks: support / val / test\n"

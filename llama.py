@@ -21,6 +21,7 @@ import base64
 import json
 import math
 import sys
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -66,6 +67,34 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def check(self, keys: dict[str, str] | None = None) -> "ModelArgs":
+        """Every field of the right type and positive, and heads that split dim into even halves.
+
+        Raises ValueError naming the field as `keys` spells it (a file's own key, `hidden_size`,
+        `llama.attention.head_count`), so that a loader can say which key of which file is wrong.
+        """
+        def name(f):
+            return (keys or {}).get(f, f)
+
+        for f in fields(self):
+            v, kinds = getattr(self, f.name), typing.get_args(f.type) or (f.type,)
+            if v is None and type(None) in kinds:
+                continue
+            kind = kinds[0]
+            number = isinstance(v, int if kind is int else (int, float)) and not isinstance(v, bool)
+            if not (isinstance(v, bool) if kind is bool else number and 0 < v < math.inf):
+                what = {bool: "true or false", int: "a positive integer", float: "a positive number"}[kind]
+                raise ValueError(f"{name(f.name)} must be {what}, got {json.dumps(v, default=repr)}")
+        if self.dim % self.n_heads or self.head_dim % 2:  # RoPE rotates pairs of each head's dimensions
+            raise ValueError(f"{name('dim')} {self.dim} does not split into {name('n_heads')} {self.n_heads} "
+                             f"heads of even size")
+        if self.n_heads % (self.n_kv_heads or self.n_heads):
+            raise ValueError(f"{name('n_heads')} {self.n_heads} is not a multiple of {name('n_kv_heads')} "
+                             f"{self.n_kv_heads}")
+        if self.use_scaled_rope and self.rope_low_freq_factor >= self.rope_high_freq_factor:
+            raise ValueError(f"{name('rope_low_freq_factor')} must be below {name('rope_high_freq_factor')}")
+        return self
 
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
@@ -452,12 +481,28 @@ def _require(cfg: dict, keys, path) -> None:
         raise LoadError(f"{path}: missing keys {', '.join(missing)}")
 
 
+def _read_config(path: Path) -> dict:
+    """A JSON object from config.json / params.json; anything else is one line naming the file."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(f"{path}: malformed JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise LoadError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def _checked(args: ModelArgs, path, keys: dict[str, str] | None = None) -> ModelArgs:
+    """args.check() as a LoadError naming the file and its key."""
+    try:
+        return args.check(keys)
+    except ValueError as e:
+        raise LoadError(f"{path}: {e}") from None
+
+
 def _args_from(cfg: dict, path, **overrides) -> ModelArgs:
     known = {f.name for f in fields(ModelArgs)}
-    try:
-        return ModelArgs(**{k: v for k, v in {**cfg, **overrides}.items() if k in known})
-    except TypeError as e:
-        raise LoadError(f"{path}: bad config ({e})") from None
+    return _checked(ModelArgs(**{k: v for k, v in {**cfg, **overrides}.items() if k in known}), path)
 
 
 def _build(args: ModelArgs, state: dict, source, device, dtype) -> Transformer:
@@ -488,7 +533,7 @@ def hf_to_meta_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _load_meta(path: Path, device, dtype):
-    params = json.loads((path / "params.json").read_text())
+    params = _read_config(path / "params.json")
     _require(params, ["dim", "n_layers", "n_heads", "vocab_size", "norm_eps"], path / "params.json")
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
@@ -507,6 +552,12 @@ def _load_meta(path: Path, device, dtype):
     return _build(args, state, shards[0], device, dtype), Tokenizer.from_model_file(tok) if tok.exists() else None
 
 
+HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+           "n_kv_heads": "num_key_value_heads", "hidden_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
+           "rope_scaling_factor": "rope_scaling.factor", "rope_low_freq_factor": "rope_scaling.low_freq_factor",
+           "rope_high_freq_factor": "rope_scaling.high_freq_factor",
+           "rope_original_max_seq_len": "rope_scaling.original_max_position_embeddings",
+           "tie_embeddings": "tie_word_embeddings", "max_seq_len": "max_position_embeddings"}
 HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
             "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
             "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
@@ -515,26 +566,32 @@ HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.w
 def _load_hf(path: Path, device, dtype):
     from safetensors import safe_open
 
-    cfg = json.loads((path / "config.json").read_text())
+    where = path / "config.json"
+    cfg = _read_config(where)
     _require(cfg, ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"],
-             path / "config.json")
+             where)
     if cfg.get("model_type", "llama") != "llama":
-        raise LoadError(f"{path / 'config.json'}: model_type {cfg['model_type']!r} is not llama")
-    heads = cfg["num_attention_heads"]
-    if cfg.get("head_dim", cfg["hidden_size"] // heads) != cfg["hidden_size"] // heads:
-        raise LoadError(f"{path / 'config.json'}: head_dim != hidden_size / num_attention_heads is not supported")
+        raise LoadError(f"{where}: model_type {cfg['model_type']!r} is not llama")
     rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    scaled = rs.get("rope_type", rs.get("type")) == "llama3"
-    args = ModelArgs(
+    if not isinstance(rs, dict):
+        raise LoadError(f"{where}: rope_scaling must be an object or null, got {json.dumps(rs)}")
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind not in ("default", "llama3"):  # linear, dynamic, yarn ... would load and compute wrong logits
+        raise LoadError(f"{where}: rope_scaling type {kind!r} is not supported (only llama3)")
+    heads = cfg["num_attention_heads"]
+    args = _checked(ModelArgs(
         dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=heads,
         n_kv_heads=cfg.get("num_key_value_heads", heads), vocab_size=cfg["vocab_size"],
         hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=cfg.get("rope_theta", rs.get("rope_theta", 10000.0)), use_scaled_rope=scaled,
+        rope_theta=cfg.get("rope_theta", rs.get("rope_theta", 10000.0)), use_scaled_rope=kind == "llama3",
         rope_scaling_factor=rs.get("factor", 8.0), rope_low_freq_factor=rs.get("low_freq_factor", 1.0),
         rope_high_freq_factor=rs.get("high_freq_factor", 4.0),
         rope_original_max_seq_len=rs.get("original_max_position_embeddings", 8192),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_seq_len=cfg.get("max_position_embeddings", 8192))
+        tie_embeddings=cfg.get("tie_word_embeddings", False),
+        max_seq_len=cfg.get("max_position_embeddings", 8192)), where, HF_KEYS)
+    if cfg.get("head_dim") not in (None, args.head_dim):
+        raise LoadError(f"{where}: head_dim {json.dumps(cfg['head_dim'])} != hidden_size / num_attention_heads "
+                        f"({args.head_dim}) is not supported")
     index = path / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     state = {}
@@ -569,6 +626,11 @@ def _load_hf(path: Path, device, dtype):
     return _build(args, state, path / files[0], device, dtype), tok
 
 
+GGUF_KEYS = {"dim": "llama.embedding_length", "n_layers": "llama.block_count",
+             "n_heads": "llama.attention.head_count", "n_kv_heads": "llama.attention.head_count_kv",
+             "vocab_size": "llama.vocab_size",
+             "hidden_dim": "llama.feed_forward_length", "norm_eps": "llama.attention.layer_norm_rms_epsilon",
+             "rope_theta": "llama.rope.freq_base", "max_seq_len": "llama.context_length"}
 GGUF_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output", "attn_q": "attention.wq",
               "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
               "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2", "ffn_up": "feed_forward.w3",
@@ -588,13 +650,13 @@ def _load_gguf(path: Path, device, dtype):
                                            "feed_forward_length")], path)
     tokens = r.fields["tokenizer.ggml.tokens"].contents() if "tokenizer.ggml.tokens" in r.fields else None
     n_heads = meta["llama.attention.head_count"]
-    args = ModelArgs(
+    args = _checked(ModelArgs(
         dim=meta["llama.embedding_length"], n_layers=meta["llama.block_count"], n_heads=n_heads,
         n_kv_heads=meta.get("llama.attention.head_count_kv", n_heads),
         vocab_size=meta.get("llama.vocab_size", len(tokens or [])), hidden_dim=meta["llama.feed_forward_length"],
         norm_eps=meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
         rope_theta=meta.get("llama.rope.freq_base", 10000.0), max_seq_len=meta.get("llama.context_length", 8192),
-        tie_embeddings=not any(t.name == "output.weight" for t in r.tensors))
+        tie_embeddings=not any(t.name == "output.weight" for t in r.tensors)), path, GGUF_KEYS)
     state, rope_freqs = {}, None
     for t in r.tensors:
         a = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))

@@ -280,7 +280,7 @@ def test_bad_archive_is_not_used(tmp_path, monkeypatch):
     monkeypatch.setenv("ABMLL_CACHE", str(tmp_path))
     (tmp_path / "archives").mkdir()
     (tmp_path / "archives" / "bigbench-1.0.0.tar.gz").write_bytes(b"not the archive")
-    with pytest.raises(fetch.FetchError, match="bigbench-1.0.0.tar.gz: sha256 mismatch"):
+    with pytest.raises(fetch.FetchError, match=r"bigbench-1.0.0.tar.gz is corrupted \(sha256 .*\): delete it to fetch"):
         data.prepare()
     assert not list(tmp_path.glob("benchmark*"))  # no half-built benchmark, no temp dir left
     monkeypatch.setattr(fetch, "archive", lambda spec: tmp_path / "archives" / "bigbench-1.0.0.tar.gz")
@@ -313,3 +313,71 @@ def test_held_out_parts_are_deduplicated(tmp_path, monkeypatch):
     s, v, t = ({e.input for e in x} for x in (h.support, h.val, h.test))
     assert not (s & v or s & t or v & t)
     assert len(v) == 6 + 4 and len(t) == 4  # 6 unused support examples, the 4 fresh dev; 4 fresh left for test
+
+
+# -- bad input: dropped and named, or one line ----------------------------------------------------
+
+
+def test_wrong_types_are_dropped_and_named_by_file_and_line(tmp_path):
+    p = tmp_path / "t.jsonl"
+    write_jsonl(p, [
+        {"task": "t", "input": "good", "output": "a", "options": ["a", "b"]},
+        {"task": "t", "input": "yn", "output": "y", "options": "yn"},  # list("yn") would be ['y', 'n']
+        {"task": "t", "input": None, "output": "a", "options": ["a", "b"]},  # would be the question "None"
+        {"task": "t", "input": "number", "output": 1, "options": ["1", "2"]},
+        {"task": "t", "input": "numbers", "output": "1", "options": [1, 2]},
+    ])
+    with pytest.raises(data.DataError, match=r't\.jsonl:2: options is "yn", not a list of strings'):
+        data._read_rows(p)  # no list to collect problems in: an error
+    report, problems = data.Counter(), []
+    kept = data._read_task("t", {"train": p}, report, problems=problems)["train"]
+    assert [e.input for e in kept] == ["good"]
+    assert report == {"kept": 1, "options not a list of strings": 2, "input not a string": 1,
+                      "output not a string": 1}
+    assert problems == [f"{p}:2: options is \"yn\", not a list of strings", f"{p}:3: input is null, not a string",
+                        f"{p}:4: output is 1, not a string", f"{p}:5: options is [1, 2], not a list of strings"]
+
+
+def test_non_utf8_and_non_object_lines_name_file_and_line(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_bytes(json.dumps(rows("t", 1)[0]).encode() + b'\n{"input": "caf\xe9", "output": "a"}\n')
+    with pytest.raises(data.DataError, match=r"t\.jsonl:2: not UTF-8 text \(byte 15 of the line is 0xe9\)"):
+        data._read_rows(p)
+    p.write_text('["a list"]\n')
+    with pytest.raises(data.DataError, match=r"t\.jsonl:1: expected a JSON object, got list"):
+        data._read_rows(p)
+
+
+def test_report_summary_counts_drops_and_warns(tmp_path, monkeypatch):
+    monkeypatch.setitem(data.PAPER_SPLITS, "tiny", (["a"], ["b", "c"]))
+    stray = [{"task": "a", "input": f"s{i}", "output": "z", "options": ["x", "y"]} for i in range(8)]
+    write_jsonl(tmp_path / "a" / "a_16384_100_train.jsonl", rows("a", 20) + stray + [
+        {"task": "a", "input": "yn", "output": "y", "options": "yn"}])
+    write_task(tmp_path, "b", True)
+    write_task(tmp_path, "c", True)
+    dev = tmp_path / "c" / "c_16_100_dev.jsonl"
+    (tmp_path / "c" / "c_16_100_test.jsonl").write_text(dev.read_text())  # test = dev: nothing left to test
+    s = data.load_split("tiny", tmp_path)
+    assert s.test["c"].test == [] and len(s.test["b"].test) == 30
+    lines, details = data.report_summary(s)
+    assert lines[0] == ("data tiny: 1 training task, kept 20 of 29 lines (dropped 1 options not a list of strings, "
+                        "8 output not among options), using 20 training examples")
+    assert lines[1].startswith("data tiny: 2 held-out tasks, kept 122 of 152 lines (dropped 30 test duplicates")
+    assert lines[2].startswith("warning: task a lost 9 of its 29 lines (31%)")
+    assert lines[2].endswith("a_16384_100_train.jsonl:29: options is \"yn\", not a list of strings")
+    assert lines[3].startswith("warning: held-out task c has no test examples left") and len(lines) == 4
+    assert details["tasks"]["c"]["used"] == {"support": 10, "val": 30, "test": 0}
+    assert details["tasks"]["a"]["problems"] == [f"{tmp_path}/a/a_16384_100_train.jsonl:29: options is \"yn\", "
+                                                 f"not a list of strings"]
+    out = tmp_path / "data_report.json"
+    data.save_report(s, out)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(details))
+    (tmp_path / "b" / "b_16_100_test.jsonl").write_text((tmp_path / "b" / "b_16_100_dev.jsonl").read_text())
+    with pytest.raises(data.DataError, match="split tiny: no held-out task has test examples left"):
+        data.load_split("tiny", tmp_path)  # nothing at all to score: an error, not a silent 0 examples
+
+
+def test_unreadable_tasks_json_is_one_line(tmp_path):
+    (tmp_path / "tasks.json").write_text('{"tasks": ')
+    with pytest.raises(data.DataError, match=r"tasks\.json: unreadable or malformed, expected"):
+        data.load_split("nli", tmp_path)

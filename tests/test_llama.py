@@ -250,7 +250,7 @@ def test_sentencepiece_tokenizer_model(tmp_path):
 # GGUF
 
 
-def write_gguf(path, ref, hf_tok, quant=None, arch="llama"):
+def write_gguf(path, ref, hf_tok, quant=None, arch="llama", head_count=None):
     gguf = pytest.importorskip("gguf")
     cfg = ref.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -258,7 +258,7 @@ def write_gguf(path, ref, hf_tok, quant=None, arch="llama"):
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count(cfg.num_attention_heads if head_count is None else head_count)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(500000.0)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
@@ -415,3 +415,40 @@ def test_cli_exit_status_nonzero(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and "missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_config_fields_are_type_and_range_checked_naming_the_key(tmp_path, capsys, monkeypatch):
+    """Numbers given as strings, a boolean given as a string (read as true, it dropped the real output
+    head), zero heads, a dim that heads do not split: one line naming the file and its key."""
+    hf_tok = train_hf_tokenizer("smollm")
+    ref = hf_model(tie=False, scaled=False, vocab=hf_tok.get_vocab_size())
+    hf = tmp_path / "hf"
+    ref.save_pretrained(hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cases = {"hf_str": ({"hidden_size": "64"}, "config.json: hidden_size must be a positive integer, got \"64\""),
+             "hf_tie": ({"tie_word_embeddings": "false"}, "config.json: tie_word_embeddings must be true or false"),
+             "hf_heads0": ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+             "hf_split": ({"num_attention_heads": 5}, "hidden_size 64 does not split into num_attention_heads 5"),
+             "hf_kv": ({"num_key_value_heads": 3}, "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+             "hf_eps": ({"rms_norm_eps": -1e-5}, "rms_norm_eps must be a positive number"),
+             "hf_rope": ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling type 'yarn'"),
+             "hf_list": (None, "config.json: expected a JSON object")}
+    for name, (change, needle) in cases.items():
+        (tmp_path / name).mkdir()
+        os.link(hf / "model.safetensors", tmp_path / name / "model.safetensors")
+        (tmp_path / name / "config.json").write_text(json.dumps([cfg] if change is None else {**cfg, **change}))
+        msg = run_cli(tmp_path / name, capsys, monkeypatch)
+        assert needle in msg and name in msg, (name, msg)
+    meta = dict(dim=64, n_layers=2, n_heads=4, vocab_size=300, norm_eps=1e-5)
+    for name, change, needle in (("meta_str", {"n_layers": "2"}, "params.json: n_layers must be a positive integer"),
+                                 ("meta_split", {"n_heads": 6}, "params.json: dim 64 does not split into n_heads 6"),
+                                 ("meta_scaled", {"use_scaled_rope": 1}, "use_scaled_rope must be true or false")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "params.json").write_text(json.dumps({**meta, **change}))
+        torch.save({}, tmp_path / name / "consolidated.00.pth")
+        msg = run_cli(tmp_path / name, capsys, monkeypatch)
+        assert needle in msg, (name, msg)
+    tied = hf_model(tie=True, scaled=False, vocab=hf_tok.get_vocab_size())
+    write_gguf(tmp_path / "heads0.gguf", tied, hf_tok, head_count=0)
+    msg = run_cli(tmp_path / "heads0.gguf", capsys, monkeypatch)
+    assert "heads0.gguf: llama.attention.head_count must be a positive integer, got 0" in msg, msg
