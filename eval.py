@@ -1,20 +1,38 @@
-"""Evaluation: calibration, the pruning study (Section 5.2) and the paper's tables and curves.
+"""Evaluation: metrics, the pruning study (Section 5.2) and the paper's tables and curves.
 
-    python eval.py report runs                 # Table 1, Table 2 and Figure 2 from runs/
-    python eval.py report runs --out report/   # same, written to report/ (default runs/report)
+    python eval.py report runs                   # Table 1, Table 2 and Figure 2 from runs/
+    python eval.py report runs --out report/     # same, written to report/ (default runs/report)
+    python eval.py compare runs --split nli      # which methods differ: paired bootstrap, 95% CI
 
 Run directories (written by train.py, read here):
 
     {root}/{split}/{method}/seed{seed}/
         config.json    the run's arguments (method, split, seed, model, epochs, ...)
         metrics.jsonl  one line per epoch: {"epoch", "train_loss", "val_acc", "val_ece",
-                       "val_nll", "time_s"}; time_s = wall seconds of that epoch (train + val)
-        final.json     {"method", "split", "seed", "best_epoch", "test_acc", "test_ece",
-                        "test_nll", "n_test", "pruning" (optional): {"mode": "activation",
-                        "acc": {"0": .., "1": .., "10": .., "20": .., "30": ..}, "ece": {..}}}
+                       "val_nll", "time_s", "diag" (optional)}; time_s = wall seconds of the
+                       epoch (train + val); diag (ABMLL) = {"theta_logvar": {"wq": [p5, p50, p95],
+                       "wv": .., "wo": ..}, "phi_logvar": {..}, "noise_ratio": {"wq": x, ..},
+                       "sample_vs_mean": x}, percentiles of log sigma^2 over each module kind
+        final.json     {"method", "split", "seed", "best_epoch", "n_test", "test_chance",
+                        "test_acc", "test_ece", "test_nll", and in newer runs the rest of
+                        metrics() on the test rows: "test_brier", "test_vocab_acc",
+                        "test_paper_ece", "test_macro_acc", .., "test_macro_paper_ece";
+                        optional: "pruning": {"mode": one of PRUNE_MODES, "acc": {"0": x,
+                        "1": x, "10": x, "20": x, "30": x}, "ece": {..}}; "pruning_modes":
+                        {mode: {"acc": {p: x}, "ece": {p: x}}} (several modes in one run);
+                        "adapt_curve": {"k": [0, 1, 2, 5, 10], "acc": [..], "ece": [..],
+                        "paper_ece": [..]}: test metrics after k test-time adaptation steps}
+        predictions/{part}-{prune}.jsonl.gz   (e.g. test-0, test-10: prune is f"{p:g}") one row
+                       per scored example, {task, id, label, n_options, probs, probs4,
+                       answer_id, vocab_argmax} (compare.py); metrics(read_predictions(path))
+                       gives final.json's test_* numbers bit for bit
 
+`report` writes report.md, curves_{split}.png, adapt_{split}.png and diag_{split}.png (where
+runs have adapt_curve / diag); `compare` writes compare.md and compare.json, both into --out.
 A run without a readable final.json (unfinished, killed, copied half) is skipped with one
-warning line; so is anything else that does not fit the layout.
+warning line; so is anything else that does not fit the layout, a metrics.jsonl line that is
+not UTF-8 JSON, and a final.json number out of its range (accuracy or ECE outside [0, 1],
+a negative NLL): the key is left out, or the run if it is test_acc or test_ece.
 """
 
 import argparse
@@ -29,13 +47,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import compare
 from abmll import BayesLoRALinear, LoRALinear
+from compare import read_predictions, write_predictions  # noqa: F401  the file format lives there
 
-METHODS = {"pretrained": "Pretrained", "lora": "Regular LoRA", "structured": "Struct. LoRA",  # dir -> name,
-           "reptile": "Reptile", "abmll": "ABMLL"}  # in the paper's row order
+METHODS = {"pretrained": "Pretrained", "lora": "Regular LoRA", "structured": "Struct. LoRA",
+           "reptile": "Reptile", "abmll": "ABMLL"}  # directory -> name, in the paper's row order
 SPLIT_ORDER = ["cls-45", "cls-23", "cls", "nli", "para", "mcqa"]  # the paper's column order
 PRUNE_LEVELS = (0, 1, 10, 20, 30)  # percent, Tables 2 and 4
-MEAN_PATH = {LoRALinear: ("lora_B", "lora_A"), BayesLoRALinear: ("phi_mean_B", "phi_mean_A")}  # (B, A) of the mean
+PRUNE_MODES = ("activation", "weight", "adapted", "channel")
+# (B, A) of the adapter's mean, merged into the weight by weight-mode pruning
+MEAN_PATH = {LoRALinear: ("lora_B", "lora_A"), BayesLoRALinear: ("phi_mean_B", "phi_mean_A")}
 
 # -----------------------------------------------------------------------------
 # metrics on (N, C) probabilities
@@ -46,12 +68,15 @@ def _as_probs(probs, labels):
     (examples with 2, 3 or 4 options) is zero-padded: a zero column never becomes the top label."""
     if isinstance(probs, (list, tuple)) and probs:
         width = max(len(p) for p in probs)
-        probs = torch.stack([F.pad(torch.as_tensor(p, dtype=torch.float64), (0, width - len(p))) for p in probs])
+        probs = torch.stack([F.pad(torch.as_tensor(p, dtype=torch.float64), (0, width - len(p)))
+                             for p in probs])
     probs = torch.as_tensor(probs)
     if probs.ndim != 2 or not probs.is_floating_point() or len(probs) == 0:
-        raise ValueError(f"probs must be a non-empty float (N, C) matrix, got {tuple(probs.shape)} {probs.dtype}")
+        raise ValueError(f"probs must be a non-empty float (N, C) matrix, got {tuple(probs.shape)} "
+                         f"{probs.dtype}")
     if not ((probs >= 0) & (probs <= 1)).all():
-        raise ValueError("probs must be probabilities in [0, 1] (softmax the logits first); got NaN or outside")
+        raise ValueError("probs must be probabilities in [0, 1] (softmax the logits first); "
+                         "got NaN or outside")
     labels = torch.as_tensor(labels).long().view(-1).cpu()
     if len(labels) != len(probs):
         raise ValueError(f"{len(probs)} rows of probabilities but {len(labels)} labels")
@@ -59,17 +84,49 @@ def _as_probs(probs, labels):
 
 
 def accuracy(probs, labels) -> float:
-    """Fraction of examples whose argmax is the label."""
+    """acc = 1/N sum_i 1[argmax_c p_ic = y_i] (first index on ties, as torch.max)."""
     probs, labels = _as_probs(probs, labels)
-    return probs.max(dim=1).indices.eq(labels).double().mean().item()  # max(): the same ties as the ECE
+    return probs.max(dim=1).indices.eq(labels).double().mean().item()  # max(): the ECE's ties
 
 
 def nll(probs, labels) -> float:
-    """Mean -log p(label); p is clamped at the smallest normal fp32 so that one zero
+    """NLL = -1/N sum_i log p_i,y_i; p is clamped at the smallest normal fp32 so that one zero
     probability gives a large finite number (~87) instead of inf."""
     probs, labels = _as_probs(probs, labels)
     p = probs.double().gather(1, labels[:, None]).squeeze(1)
     return -p.clamp_min(torch.finfo(torch.float32).tiny).log().mean().item()
+
+
+def brier(probs, labels) -> float:
+    """Brier = 1/N sum_i sum_c (p_ic - 1[c = y_i])^2 (zero-padded columns add nothing)."""
+    probs, labels = _as_probs(probs, labels)
+    onehot = F.one_hot(labels, probs.shape[1]).double()  # (N, C)
+    return (probs.double() - onehot).pow(2).sum(1).mean().item()
+
+
+def vocab_accuracy(vocab_argmax, answer_ids) -> float:
+    """acc_V = 1/N sum_i 1[argmax_v logit_v(x_i) = answer id_i]: the authors' accuracy (any
+    token that is not the answer letter, another letter or not a letter, is wrong)."""
+    pred, want = (torch.as_tensor(t).long().view(-1) for t in (vocab_argmax, answer_ids))
+    if len(pred) != len(want) or len(pred) == 0:
+        raise ValueError(f"{len(pred)} argmax ids but {len(want)} answer ids (need as many, > 0)")
+    return pred.eq(want).double().mean().item()
+
+
+def paper_ece(probs4, labels) -> float:
+    """1/N sum_i |max_c p_ic - 1[argmax_c p_ic = y_i]| over A-D: the authors' "ECE".
+
+    A per-example calibration gap, not a binned ECE: the authors call torchmetrics'
+    MulticlassCalibrationError(num_classes=4, n_bins=10, norm="l1") on one example at a time and
+    average. With one example its one non-empty bin holds that example, so the binning drops out
+    (also at a confidence of exactly 1.0, which torchmetrics bins apart). As there, the
+    confidence is cast to fp32 and ties go to the first letter. probs4: (N, 4) softmax over A-D.
+    """
+    probs, labels = _as_probs(probs4, labels)
+    if probs.shape[1] != 4:
+        raise ValueError(f"probs4 must be (N, 4) probabilities over A-D, got {tuple(probs.shape)}")
+    conf, pred = probs.max(dim=1)
+    return (pred.eq(labels).float() - conf.float()).abs().double().mean().item()
 
 
 def _calibration_bins(probs, labels, n_bins):
@@ -85,7 +142,8 @@ def _calibration_bins(probs, labels, n_bins):
     conf = conf.float()
     edges = torch.linspace(0, 1, n_bins + 1, dtype=conf.dtype)
     idx = torch.bucketize(conf, edges, right=True) - 1  # (N,) in [0, n_bins]
-    count = torch.zeros(n_bins + 1, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf, dtype=torch.float64))
+    count = torch.zeros(n_bins + 1, dtype=torch.float64)
+    count.index_add_(0, idx, torch.ones_like(conf, dtype=torch.float64))
     conf_sum = torch.zeros_like(count).index_add_(0, idx, conf.double())
     correct = torch.zeros_like(count).index_add_(0, idx, pred.eq(labels).double())
     return count, conf_sum, correct
@@ -104,6 +162,28 @@ def expected_calibration_error(probs, labels, n_bins=15) -> float:
     return ((correct - conf_sum).abs().sum() / count.sum()).item()
 
 
+def _row_metrics(rows):
+    probs, labels = [r["probs"] for r in rows], [r["label"] for r in rows]
+    argmax, answer = [r["vocab_argmax"] for r in rows], [r["answer_id"] for r in rows]
+    return {"acc": accuracy(probs, labels), "ece": expected_calibration_error(probs, labels),
+            "nll": nll(probs, labels), "brier": brier(probs, labels),
+            "vocab_acc": vocab_accuracy(argmax, answer),
+            "paper_ece": paper_ece([r["probs4"] for r in rows], labels)}
+
+
+def metrics(rows) -> dict:
+    """Prediction rows (compare.py's format) -> every metric pooled over all examples, n, and
+    macro_{metric} = the unweighted mean over tasks of the per-task metric (final.json's test_*)."""
+    if not rows:
+        raise ValueError("metrics() needs at least one prediction row")
+    by_task = {}
+    for r in rows:
+        by_task.setdefault(r["task"], []).append(r)
+    per_task = [_row_metrics(by_task[t]) for t in sorted(by_task)]
+    macro = {f"macro_{k}": sum(m[k] for m in per_task) / len(per_task) for k in per_task[0]}
+    return _row_metrics(rows) | {"n": len(rows)} | macro
+
+
 def reliability_diagram(probs, labels, path, n_bins=15, title=None):
     """Save a reliability diagram (accuracy per confidence bin vs. the diagonal) as a PNG."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
@@ -114,8 +194,8 @@ def reliability_diagram(probs, labels, path, n_bins=15, title=None):
     acc = (correct / count.clamp_min(1))[:n_bins].tolist()
     fig = Figure(figsize=(4.5, 4.5))
     ax = fig.add_subplot()
-    ax.bar([k / n_bins for k in range(n_bins)], acc, width=1 / n_bins, align="edge", edgecolor="black",
-           label="accuracy")
+    ax.bar([k / n_bins for k in range(n_bins)], acc, width=1 / n_bins, align="edge",
+           edgecolor="black", label="accuracy")
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     ece = expected_calibration_error(probs, labels, n_bins)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
@@ -127,7 +207,7 @@ def reliability_diagram(probs, labels, path, n_bins=15, title=None):
 
 
 # -----------------------------------------------------------------------------
-# pruning (Section 5.2; ../shared/DESIGN.md)
+# pruning (Section 5.2; DESIGN.md)
 
 
 def _count(p, n):
@@ -135,16 +215,71 @@ def _count(p, n):
     return min(n, int(p * n / 100 + 0.5))
 
 
-def _activation_hook(p):
-    def hook(module, args, out):  # out: (B, T, dim), the residual stream after the block
-        k = _count(p, out.shape[-1])
-        idx = out.abs().topk(k, dim=-1, largest=False).indices  # (B, T, k)
+def _smallest_hook(p):
+    def hook(module, args, out):  # out: (B, T, d), one row of d values per token
+        idx = out.abs().topk(_count(p, out.shape[-1]), dim=-1, largest=False).indices  # (B, T, k)
         return out.scatter(-1, idx, 0.0)
     return hook
 
 
+def _channel_hook(channels):
+    def hook(module, args, out):  # out: (B, T, dim); the same channels at every token
+        return out.index_fill(-1, channels.to(out.device), 0.0)
+    return hook
+
+
+@torch.no_grad()
+def _quiet_channels(model, p, calib):
+    """Per decoder layer, the p% of hidden channels with the smallest mean |activation| over the
+    real tokens of the calibration batches (right padding beyond answer_pos + 1 does not count)."""
+    total, count, real = [0.0] * len(model.layers), [0] * len(model.layers), [None]  # real: (B, T)
+
+    def record(i):
+        def hook(module, args, out):  # (B, T, dim); the last block (B, 1, dim) at answer_pos
+            keep = real[0] if out.shape[1] == real[0].shape[1] else out.new_ones(out.shape[:2])
+            total[i] = total[i] + (out.abs().float() * keep[..., None]).sum((0, 1))  # (dim,)
+            count[i] += int(keep.sum())
+        return hook
+
+    handles = [layer.register_forward_hook(record(i)) for i, layer in enumerate(model.layers)]
+    device = next(model.parameters()).device
+    try:
+        for batch in calib:
+            tokens, pos = batch["tokens"].to(device), batch["answer_pos"].to(device)
+            real[0] = torch.arange(tokens.shape[1], device=device) <= pos[:, None] + 1  # (B, T)
+            model(tokens, logits_at=pos[:, None])  # logits at the answer only: the head is costly
+    finally:
+        for h in handles:
+            h.remove()
+    return [(t / c).topk(_count(p, len(t)), largest=False).indices for t, c in zip(total, count)]
+
+
 @contextmanager
-def pruned(model, p, mode="activation"):
+def _weights_pruned(model, p):
+    """weight mode of pruned(): merge the adapters' mean, zero the smallest |w|, restore on exit."""
+    targets = {id(m.weight): m for m in model.layers.modules()
+               if isinstance(m, (nn.Linear, *MEAN_PATH))}  # by weight: a shared one is pruned once
+    saved = []  # (tensor, copy on the CPU: no second copy of the weights on the accelerator)
+    try:
+        with torch.no_grad():
+            for m in targets.values():
+                saved.append((m.weight, m.weight.to("cpu", copy=True)))
+                if type(m) in MEAN_PATH and not getattr(m, "merged", False):
+                    B, A = (getattr(m, n) for n in MEAN_PATH[type(m)])
+                    saved.append((B, B.to("cpu", copy=True)))
+                    m.weight += (m.scaling * B @ A).to(m.weight.dtype)  # prune W0 + mu
+                    B.zero_()  # the adapter's mean path now adds exactly 0
+                flat = m.weight.view(-1)
+                flat[flat.abs().topk(_count(p, flat.numel()), largest=False).indices] = 0
+        yield
+    finally:
+        with torch.no_grad():
+            for t, old in reversed(saved):
+                t.copy_(old)
+
+
+@contextmanager
+def pruned(model, p, mode="activation", calib=None):
     """Prune p percent of the model while inside the `with`; the model is restored exactly on exit.
 
     activation: at the output of every model.layers[i], per token, the p% of the hidden
@@ -155,49 +290,51 @@ def pruned(model, p, mode="activation"):
         so that the effective weight is pruned: LoRALinear W0 + s B A; BayesLoRALinear
         W0 + mu_phi, its sigma_phi * eps still drawn on top in "sample" mode. Inside the
         `with`, score only: the adapters' B is zeroed there, so training them would be lost.
+    adapted: the authors' pruning: at the output of every adapted layer (LoRALinear,
+        BayesLoRALinear), per token, the p% smallest |values| are set to zero. A model without
+        adapters (Pretrained) has nothing to prune this way: ValueError.
+    channel: whole hidden channels at the output of every model.layers[i]: the p% with the
+        smallest mean |activation|, ranked per layer on entry, by a forward (no_grad, the model
+        in its current mode) over `calib`, batches with "tokens" (B, T) and "answer_pos" (B,),
+        right-padded. The last block runs at answer_pos only, as when scoring: it is ranked there.
     p = 0 touches nothing. Counts are rounded to the nearest integer (so 1% of 576 is 6).
     """
     if not 0 <= p <= 100:
         raise ValueError(f"pruning percentage must be in [0, 100], got {p}")
-    if mode not in ("activation", "weight"):
-        raise ValueError(f"pruning mode must be 'activation' or 'weight', got {mode!r}")
+    if mode not in PRUNE_MODES:
+        raise ValueError(f"pruning mode must be one of {', '.join(PRUNE_MODES)}; got {mode!r}")
+    adapted = [m for m in model.modules() if isinstance(m, (LoRALinear, BayesLoRALinear))]
+    if mode == "adapted" and not adapted:
+        raise ValueError("pruning mode 'adapted': the model has no adapted layers (LoRALinear or "
+                         "BayesLoRALinear), e.g. Pretrained; prune it in another mode")
+    if mode == "channel" and not calib:
+        raise ValueError("pruning mode 'channel' needs calib: the batches that rank the channels")
     if p == 0:
         yield model
         return
-    if mode == "activation":
-        handles = [layer.register_forward_hook(_activation_hook(p)) for layer in model.layers]
-        try:
+    if mode == "weight":
+        with _weights_pruned(model, p):
             yield model
-        finally:
-            for h in handles:
-                h.remove()
         return
-
-    targets = {id(m.weight): m for m in model.layers.modules() if isinstance(m, (nn.Linear, *MEAN_PATH))}
-    saved = []  # (tensor, copy on the CPU: no second copy of the weights on the accelerator)
+    if mode == "channel":
+        quiet = _quiet_channels(model, p, calib)
+        hooks = [(layer, _channel_hook(c)) for layer, c in zip(model.layers, quiet)]
+    else:
+        targets = model.layers if mode == "activation" else adapted
+        hooks = [(m, _smallest_hook(p)) for m in targets]
+    handles = [m.register_forward_hook(h) for m, h in hooks]
     try:
-        with torch.no_grad():
-            for m in targets.values():
-                saved.append((m.weight, m.weight.to("cpu", copy=True)))
-                if type(m) in MEAN_PATH and not getattr(m, "merged", False):
-                    B, A = (getattr(m, n) for n in MEAN_PATH[type(m)])
-                    saved.append((B, B.to("cpu", copy=True)))
-                    m.weight += (m.scaling * B @ A).to(m.weight.dtype)  # W0 + mu: prune the effective weight
-                    B.zero_()  # the adapter's mean path now adds exactly 0
-                flat = m.weight.view(-1)
-                flat[flat.abs().topk(_count(p, flat.numel()), largest=False).indices] = 0
         yield model
     finally:
-        with torch.no_grad():
-            for t, old in reversed(saved):
-                t.copy_(old)
+        for h in handles:
+            h.remove()
 
 
 def pruning_report(scores, mode="activation"):
     """{p: (probs, labels)} pooled over all held-out tasks -> the "pruning" entry of final.json.
 
-    Adapt first (unpruned), then score the query set under each level, so that both modes
-    see the same adapted adapters:
+    Adapt first (unpruned), then score the query set under each level, so that every mode
+    sees the same adapted adapters:
 
         for task in held_out:
             with abmll.adapted(model, task.support, cfg):
@@ -212,7 +349,7 @@ def pruning_report(scores, mode="activation"):
 
 
 # -----------------------------------------------------------------------------
-# reports from run directories
+# reading run directories
 
 
 def _warn(msg):
@@ -223,48 +360,135 @@ def _number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _read_run(d, split, method, seed):
-    """One run directory -> dict, or None with a warning when it does not fit the layout."""
+BOUNDS = {"acc": (0, 1), "ece": (0, 1), "chance": (0, 1), "brier": (0, 2), "nll": (0, math.inf)}
+
+
+def _bounds(key):
+    """The valid range of a metric, by the end of its name (test_macro_acc is an accuracy)."""
+    return next((b for end, b in BOUNDS.items() if key.endswith(end)), None)
+
+
+def _read_final(d, want):
+    """final.json without its out-of-range test_* numbers, or None (warned): skip the run."""
+    path = d / "final.json"
     try:
-        final = json.loads((d / "final.json").read_text())
+        final = json.loads(path.read_text())
     except FileNotFoundError:
         return _warn(f"{d}: no final.json (unfinished run?), skipped")
-    except (OSError, ValueError) as e:
-        return _warn(f"{d}/final.json: unreadable ({e}), skipped")
-    if not isinstance(final, dict) or not all(_number(final.get(k)) for k in ("test_acc", "test_ece")):
-        return _warn(f"{d}/final.json: test_acc or test_ece missing or not a number, skipped")
-    for key, want in (("split", split), ("method", method), ("seed", seed)):
-        if key in final and final[key] != want:
-            return _warn(f"{d}/final.json: {key} is {final[key]!r} but the directory says {want!r}, skipped")
-    pruning = final.get("pruning")
-    if pruning is not None and not (
-            isinstance(pruning, dict) and isinstance(pruning.get("mode", ""), str)
-            and all(isinstance(pruning.get(key), dict) and all(re.fullmatch(r"\d+(\.\d+)?", k) and _number(v)
-                                                              for k, v in pruning[key].items())
-                    for key in ("acc", "ece"))):
-        _warn(f"{d}/final.json: pruning is not {{mode, acc: {{p: x}}, ece: {{p: x}}}}, left out of the pruning tables")
-        pruning = None
-    metrics = []
+    except (OSError, ValueError) as e:  # a bad UTF-8 byte is a ValueError too
+        return _warn(f"{path}: unreadable ({e}), skipped")
+    if not isinstance(final, dict):
+        return _warn(f"{path}: not a JSON object, skipped")
+    for key in [k for k in final if k.startswith("test_") and _bounds(k)]:
+        lo, hi = _bounds(key)
+        if not (_number(final[key]) and lo <= final[key] <= hi):  # a percentage 75.0 shows as 7500%
+            what = f"{path}: {key} = {final[key]!r} is not a number in [{lo}, {hi}]"
+            if key in ("test_acc", "test_ece"):
+                return _warn(f"{what}, skipped")
+            _warn(f"{what}, left out")
+            del final[key]
+    if not all(_number(final.get(k)) for k in ("test_acc", "test_ece")):
+        return _warn(f"{path}: test_acc or test_ece missing or not a number, skipped")
+    for key, value in want.items():
+        if key in final and final[key] != value:
+            return _warn(f"{path}: {key} is {final[key]!r} but the directory says {value!r}, "
+                         f"skipped")
+    return final
+
+
+def _levels(entry):
+    """{"acc": {p: x}, "ece": {p: x}} with percent keys and x in [0, 1], else None."""
+    def ok(xs):
+        return isinstance(xs, dict) and all(re.fullmatch(r"\d+(\.\d+)?", p) and _number(x)
+                                            and 0 <= x <= 1 for p, x in xs.items())
+    if isinstance(entry, dict) and ok(entry.get("acc")) and ok(entry.get("ece")):
+        return {"acc": entry["acc"], "ece": entry["ece"]}
+    return None
+
+
+def _read_pruning(path, final):
+    """{mode: {"acc": {p: x}, "ece": {p: x}}} from "pruning" (one mode) and "pruning_modes"."""
+    modes, one, many = {}, final.get("pruning"), final.get("pruning_modes")
+    if one is not None:
+        if _levels(one) and isinstance(one.get("mode", ""), str):
+            modes[one.get("mode", "activation")] = _levels(one)
+        else:
+            _warn(f"{path}: pruning is not {{mode, acc: {{p: x}}, ece: {{p: x}}}}, x in [0, 1]; "
+                  f"left out of the pruning tables")
+    if many is not None:
+        if isinstance(many, dict) and all(map(_levels, many.values())):
+            modes |= {mode: _levels(e) for mode, e in many.items()}
+        else:
+            _warn(f"{path}: pruning_modes is not {{mode: {{acc: {{p: x}}, ece: {{p: x}}}}}}, "
+                  f"left out of the pruning tables")
+    return modes
+
+
+def _read_adapt(path, final):
+    """adapt_curve -> {k: {"acc": x, "ece": x, ("paper_ece": x)}}; {} when absent or malformed."""
+    curve = final.get("adapt_curve")
+    if curve is None:
+        return {}
+    ks = curve.get("k") if isinstance(curve, dict) else None
+    if isinstance(ks, list) and all(type(k) is int for k in ks):
+        keys = [key for key in ("acc", "ece", "paper_ece") if key in curve]
+        fractions = lambda xs: isinstance(xs, list) and len(xs) == len(ks) and all(  # noqa: E731
+            _number(x) and 0 <= x <= 1 for x in xs)
+        if {"acc", "ece"} <= set(keys) and all(fractions(curve[key]) for key in keys):
+            return {k: {key: curve[key][i] for key in keys} for i, k in enumerate(ks)}
+    _warn(f"{path}: adapt_curve is not {{k: [ints], acc: [..], ece: [..]}} of one length, "
+          f"values in [0, 1]; left out")
+    return {}
+
+
+def _read_metrics(d):
+    """metrics.jsonl's good lines; a bad one (not UTF-8, not JSON, a field missing) is skipped."""
+    path = d / "metrics.jsonl"
     try:
-        lines = (d / "metrics.jsonl").read_text().splitlines()
+        lines = path.read_bytes().splitlines()  # bytes: a stray byte spoils its line, not the file
     except OSError:
-        lines = []
         _warn(f"{d}: no metrics.jsonl, left out of the curves")
+        return []
+    rows = []
     for i, line in enumerate(lines, 1):
         try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or not all(_number(row.get(k)) for k in ("epoch", "val_acc", "val_ece")):
+            row = json.loads(line.decode("utf-8"))
+            need = ("epoch", "val_acc", "val_ece")
+            if not (isinstance(row, dict) and all(_number(row.get(k)) for k in need)):
                 raise ValueError("epoch, val_acc or val_ece missing")
-        except ValueError as e:
-            _warn(f"{d}/metrics.jsonl:{i}: bad line ({e}), ignored")
+            if not (0 <= row["val_acc"] <= 1 and 0 <= row["val_ece"] <= 1):
+                raise ValueError("val_acc or val_ece outside [0, 1]")
+        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            _warn(f"{path}:{i}: bad line ({e}), ignored")
             continue
-        metrics.append(row)
-    return {"split": split, "method": method, "seed": seed, "final": final, "pruning": pruning,
-            "metrics": metrics, "wall_s": sum(r["time_s"] for r in metrics if _number(r.get("time_s")))}
+        rows.append(row)
+    return rows
+
+
+def _diag(row):
+    """{module kind: (p5, p50, p95)} of theta's log-variance in one metrics line; {} if none."""
+    theta = row["diag"].get("theta_logvar") if isinstance(row.get("diag"), dict) else None
+    if not isinstance(theta, dict):
+        return {}
+    return {k: tuple(q) for k, q in theta.items()
+            if isinstance(q, list) and len(q) == 3 and all(map(_number, q))}
+
+
+def _read_run(d, split, method, seed):
+    """One run directory -> dict, or None with a warning when it does not fit the layout."""
+    final = _read_final(d, {"split": split, "method": method, "seed": seed})
+    if final is None:
+        return None
+    metrics = _read_metrics(d)
+    path = d / "final.json"
+    return {"split": split, "method": method, "seed": seed, "final": final, "metrics": metrics,
+            "pruning": _read_pruning(path, final), "adapt": _read_adapt(path, final),
+            "wall_s": sum(r["time_s"] for r in metrics if _number(r.get("time_s")))}
 
 
 def load_runs(root, skip=()):
-    """Every finished run under root: dicts with split, method, seed, final, pruning, metrics, wall_s."""
+    """Every finished run under root: dicts with split, method, seed, final, metrics (the lines
+    of metrics.jsonl), pruning ({mode: {acc, ece}}), adapt ({k: {acc, ece, ..}}), wall_s."""
     root, skip = Path(root), {Path(s).resolve() for s in skip}
     runs = []
     for split_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -278,6 +502,10 @@ def load_runs(root, skip=()):
                 if run:
                     runs.append(run)
     return runs
+
+
+# -----------------------------------------------------------------------------
+# tables
 
 
 def mean_se(xs):
@@ -299,16 +527,18 @@ def _table(title, header, rows):
 
 def _grid(title, methods, cols, col_names, values, percent):
     """Methods x cols of mean ± s.e.; values(method, col) -> the numbers over seeds."""
-    rows = [[METHODS.get(m, m)] + [_fmt(v, percent) if v else "—" for v in (values(m, c) for c in cols)]
-            for m in methods]
+    rows = []
+    for m in methods:
+        cells = [values(m, c) for c in cols]
+        rows.append([METHODS.get(m, m)] + [_fmt(xs, percent) if xs else "—" for xs in cells])
     return _table(title, ["Method"] + col_names, [r for r in rows if set(r[1:]) != {"—"}])
 
 
 def _orders(runs):
-    splits = sorted({r["split"] for r in runs},
-                    key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s))
+    rank = {s: i for i, s in enumerate(SPLIT_ORDER)}
+    splits = sorted({r["split"] for r in runs}, key=lambda s: (rank.get(s, len(rank)), s))
     methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
-    return splits, methods + sorted({r["method"] for r in runs} - set(METHODS))  # unknown names last
+    return splits, methods + sorted({r["method"] for r in runs} - set(METHODS))  # unknown ones last
 
 
 def _cells(runs, split, method):
@@ -316,7 +546,7 @@ def _cells(runs, split, method):
 
 
 def _chance_row(runs, splits):
-    """A uniform guess over each test example's options, per split (mean over the seeds' test sets)."""
+    """A uniform guess over each test example's options, per split (mean over the seeds)."""
     cells = []
     for split in splits:
         by_seed = {r["seed"]: r["final"]["test_chance"] for r in runs
@@ -325,27 +555,40 @@ def _chance_row(runs, splits):
     return ["Chance (1 / options)"] + cells
 
 
+# (name, final.json key, in percent): Table 1's two, then the others where runs have the key
+TABLES = (("accuracy", "test_acc", True), ("ECE", "test_ece", False),
+          ("paper ECE (the authors' per-example gap)", "test_paper_ece", False),
+          ("accuracy over the whole vocabulary", "test_vocab_acc", True),
+          ("Brier score", "test_brier", False),
+          ("accuracy, macro average over held-out tasks", "test_macro_acc", True))
+
+
+def _runs_cell(cells):
+    if not cells:
+        return "—"
+    epochs = "/".join(str(e) for e in sorted({len(r["metrics"]) for r in cells}))
+    wall = sum(r["wall_s"] for r in cells) / len(cells)
+    return f"{len(cells)} seed{'s' * (len(cells) > 1)}, {epochs} ep, {wall / 60:.1f} min/run"
+
+
 def results_tables(runs):
-    """Table 1 (test accuracy and ECE, methods x splits, mean ± s.e. over seeds) and the runs behind it."""
+    """Table 1 (test accuracy and ECE, methods x splits, mean ± s.e. over seeds), the other
+    test metrics that the runs recorded, and the runs behind them."""
     splits, methods = _orders(runs)
-    out = [_grid(f"Test {name} (mean ± s.e. over seeds)", methods, splits, splits,
-                 lambda m, s: [r["final"][key] for r in _cells(runs, s, m)], percent)
-           for name, key, percent in (("accuracy", "test_acc", True), ("ECE", "test_ece", False))]
+
+    def values(key):
+        return lambda m, s: [r["final"][key] for r in _cells(runs, s, m) if key in r["final"]]
+
+    out = [_grid(f"Test {name} (mean ± s.e. over seeds)", methods, splits, splits, values(key),
+                 percent) for name, key, percent in TABLES if any(key in r["final"] for r in runs)]
     chance = _chance_row(runs, splits)
     if set(chance[1:]) != {"—"}:  # runs before test_chance was recorded have none
         out[0] += "\n| " + " | ".join(chance) + " |"
-
-    def runs_cell(c):
-        if not c:
-            return "—"
-        epochs = "/".join(str(e) for e in sorted({len(r["metrics"]) for r in c}))
-        wall = sum(r["wall_s"] for r in c) / len(c)
-        return f"{len(c)} seed{'s' * (len(c) > 1)}, {epochs} ep, {wall / 60:.1f} min/run"
-
-    rows = [[METHODS.get(m, m)] + [runs_cell(_cells(runs, s, m)) for s in splits] for m in methods]
-    total = sum(r["wall_s"] for r in runs) / 3600
+    rows = [[METHODS.get(m, m)] + [_runs_cell(_cells(runs, s, m)) for s in splits] for m in methods]
+    hours = sum(r["wall_s"] for r in runs) / 3600
     out.append(_table("Runs (seeds, epochs, mean wall time per run)", ["Method"] + splits, rows)
-               + f"\n\nTotal wall time of the {len(runs)} runs: {total:.2f} h (sum of the epochs' time_s).")
+               + f"\n\nTotal wall time of the {len(runs)} runs: {hours:.2f} h "
+                 f"(sum of the epochs' time_s).")
     return "\n\n".join(out)
 
 
@@ -354,16 +597,34 @@ def pruning_tables(runs):
     splits, methods = _orders(runs)
     out = []
     for s in splits:
-        pr = [r for r in runs if r["split"] == s and r["pruning"]]
-        for mode in sorted({r["pruning"].get("mode", "activation") for r in pr}):
-            mr = [r for r in pr if r["pruning"].get("mode", "activation") == mode]
-            levels = sorted({k for r in mr for k in r["pruning"]["acc"]}, key=float)
-            names = [f"{lv}% pruned" for lv in levels]
-            out += [_grid(f"Pruning, {s}, {mode} mode: test {name}", methods, levels, names,
-                          lambda m, lv: [r["pruning"][key][lv] for r in _cells(mr, s, m) if lv in r["pruning"][key]],
+        for mode in sorted({mode for r in runs if r["split"] == s for mode in r["pruning"]}):
+            mr = [(r["method"], r["pruning"][mode]) for r in runs
+                  if r["split"] == s and mode in r["pruning"]]
+            levels = sorted({lv for _, e in mr for lv in e["acc"]}, key=float)
+            out += [_grid(f"Pruning, {s}, {mode} mode: test {name}", methods, levels,
+                          [f"{lv}% pruned" for lv in levels],
+                          lambda m, lv: [e[key][lv] for rm, e in mr if rm == m and lv in e[key]],
                           percent)
                     for name, key, percent in (("accuracy", "acc", True), ("ECE", "ece", False))]
     return "\n\n".join(out)
+
+
+def adapt_tables(runs):
+    """Per split: test accuracy after k test-time adaptation steps, methods x k."""
+    splits, methods = _orders(runs)
+    out = []
+    for s in splits:
+        ks = sorted({k for r in runs if r["split"] == s for k in r["adapt"]})
+        if ks:
+            def acc(m, k, s=s):
+                return [r["adapt"][k]["acc"] for r in _cells(runs, s, m) if k in r["adapt"]]
+            out.append(_grid(f"Test-time adaptation, {s}: test accuracy after k steps", methods, ks,
+                             [f"k = {k}" for k in ks], acc, True))
+    return "\n\n".join(out)
+
+
+# -----------------------------------------------------------------------------
+# curves
 
 
 def moving_average(ys, window=3):
@@ -371,75 +632,144 @@ def moving_average(ys, window=3):
     return [sum(ys[max(0, i - window + 1):i + 1]) / min(i + 1, window) for i in range(len(ys))]
 
 
-def curves(runs, out_dir):
-    """Figure 2 per split: validation accuracy and ECE over epochs, moving average of 3,
-    mean over seeds, one line per method. Returns the PNG paths."""
+def _mean_at(points):
+    """[(x, y)] of several seeds -> (xs sorted, the mean y at each x)."""
+    by_x = {}
+    for x, y in points:
+        by_x.setdefault(x, []).append(y)
+    xs = sorted(by_x)
+    return xs, [sum(by_x[x]) / len(by_x[x]) for x in xs]
+
+
+def _line_plots(runs, out_dir, name, panels, xlabel, points, smooth=False):
+    """{name}_{split}.png per split: a panel per (key, label) of panels, a line per method: the
+    mean over seeds of points(run, key) -> [(x, y)]; smooth: moving average of 3 (Figure 2)."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
     splits, methods = _orders(runs)
     paths = []
     for s in splits:
-        fig = Figure(figsize=(10, 4))
-        axes = fig.subplots(1, 2)
-        drawn = False
-        for m in methods:
-            by_epoch = {}  # epoch -> that epoch's metrics line of every seed
-            for r in _cells(runs, s, m):
-                for row in r["metrics"]:
-                    by_epoch.setdefault(row["epoch"], []).append(row)
-            epochs = sorted(by_epoch)
-            for ax, key in zip(axes if epochs else (), ("val_acc", "val_ece")):
-                drawn = True
-                ys = moving_average([sum(row[key] for row in by_epoch[e]) / len(by_epoch[e]) for e in epochs])
-                if len(epochs) == 1:  # pretrained: one evaluation, drawn across the plot
+        cells = {m: c for m in methods
+                 if (c := [r for r in _cells(runs, s, m) if points(r, panels[0][0])])}
+        if not cells:
+            continue
+        fig = Figure(figsize=(5 * len(panels), 4))
+        for ax, (key, label) in zip(fig.subplots(1, len(panels)), panels):
+            for m, c in cells.items():
+                xs, ys = _mean_at([pt for r in c for pt in points(r, key)])
+                if len(xs) == 1:  # one evaluation (Pretrained), drawn across the plot
                     ax.axhline(ys[0], linestyle="--", color="gray", label=METHODS.get(m, m))
                 else:
-                    ax.plot(epochs, ys, label=METHODS.get(m, m))
-        if not drawn:
-            _warn(f"{s}: no metrics.jsonl lines, no curves")
-            continue
-        for ax, name in zip(axes, ("validation accuracy", "validation ECE")):
-            ax.set(xlabel="epoch", ylabel=name, title=f"{s}: {name} (moving average of 3)")
+                    ax.plot(xs, moving_average(ys) if smooth else ys, "-" if smooth else "o-",
+                            label=METHODS.get(m, m))
+            ax.set(xlabel=xlabel, ylabel=label,
+                   title=f"{s}: {label}{' (moving average of 3)' * smooth}")
             ax.legend()
-        paths.append(Path(out_dir) / f"curves_{s}.png")
+        paths.append(Path(out_dir) / f"{name}_{s}.png")
+        fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
+    return paths
+
+
+def curves(runs, out_dir):
+    """Figure 2 per split: validation accuracy and ECE over epochs, moving average of 3,
+    mean over seeds, one line per method. Returns the PNG paths."""
+    panels = [("val_acc", "validation accuracy"), ("val_ece", "validation ECE")]
+    return _line_plots(runs, out_dir, "curves", panels, "epoch", smooth=True,
+                       points=lambda r, key: [(row["epoch"], row[key]) for row in r["metrics"]])
+
+
+def adapt_curves(runs, out_dir):
+    """Per split: test accuracy and ECE after k test-time adaptation steps (adapt_curve)."""
+    panels = [("acc", "test accuracy"), ("ece", "test ECE")]
+    return _line_plots(runs, out_dir, "adapt", panels, "adaptation steps k",
+                       lambda r, key: [(k, v[key]) for k, v in r["adapt"].items()])
+
+
+def diag_curves(runs, out_dir):
+    """Per split, a panel per method that logs diag: theta's log sigma^2 against epoch per module
+    kind, the median and the p5-p95 band, each the mean over seeds."""
+    from matplotlib.figure import Figure
+
+    splits, methods = _orders(runs)
+    paths = []
+    for s in splits:
+        logged = {m: rows for m in methods
+                  if (rows := [ln for r in _cells(runs, s, m) for ln in r["metrics"] if _diag(ln)])}
+        if not logged:
+            continue
+        fig = Figure(figsize=(5 * len(logged), 4))
+        for ax, (m, rows) in zip(fig.subplots(1, len(logged), squeeze=False)[0], logged.items()):
+            for kind in sorted({k for row in rows for k in _diag(row)}):
+                pts = [(row["epoch"], _diag(row)[kind]) for row in rows if kind in _diag(row)]
+                epochs, p5 = _mean_at([(e, q[0]) for e, q in pts])
+                p50, p95 = (_mean_at([(e, q[j]) for e, q in pts])[1] for j in (1, 2))
+                line, = ax.plot(epochs, p50, label=kind)
+                ax.fill_between(epochs, p5, p95, color=line.get_color(), alpha=0.2)
+            ax.set(xlabel="epoch", ylabel="theta log sigma^2",
+                   title=f"{s}, {METHODS.get(m, m)}: theta log-variance (median, p5-p95)")
+            ax.legend()
+        paths.append(Path(out_dir) / f"diag_{s}.png")
         fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
     return paths
 
 
 def report(root, out_dir=None):
-    """Write report.md (the tables) and curves_{split}.png to out_dir; return the markdown."""
+    """Write report.md (the tables) and the curves' PNGs to out_dir; return the markdown."""
     root = Path(root)
     out_dir = Path(out_dir) if out_dir else root / "report"
     runs = load_runs(root, skip=[out_dir])
     if not runs:
         raise SystemExit(f"eval.py: no finished runs (with final.json) under {root}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts = [f"## Results from {root}", results_tables(runs), pruning_tables(runs)]
+    parts = [f"## Results from {root}", results_tables(runs), pruning_tables(runs),
+             adapt_tables(runs)]
     try:
-        pngs = curves(runs, out_dir)
+        figures = {"Validation curves": curves(runs, out_dir),
+                   "Test-time adaptation curves": adapt_curves(runs, out_dir),
+                   "ABMLL diagnostics: theta's log-variance": diag_curves(runs, out_dir)}
     except ImportError:
-        pngs = _warn("matplotlib is not installed: no curves") or []
-    parts.append("### Validation curves\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs))
+        figures = _warn("matplotlib is not installed: no curves") or {}
+    parts += [f"### {title}\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in pngs)
+              for title, pngs in figures.items() if pngs]
     text = "\n\n".join(p for p in parts if p) + "\n"
     (out_dir / "report.md").write_text(text)
     return text
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Tables and curves from train.py's run directories.")
+    ap = argparse.ArgumentParser(description="Tables, curves and comparisons of train.py's runs.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     rp = sub.add_parser("report", help="Table 1, Table 2 (pruning) and Figure 2 from RUN_ROOT")
-    rp.add_argument("root", metavar="RUN_ROOT", help="directory holding {split}/{method}/seed{N}/ runs")
-    rp.add_argument("--out", default=None, help="where report.md and the PNGs go (default RUN_ROOT/report)")
+    rp.add_argument("root", metavar="RUN_ROOT", help="directory of {split}/{method}/seed{N}/ runs")
+    rp.add_argument("--out", default=None,
+                    help="where report.md and the PNGs go (default RUN_ROOT/report)")
+    cp = sub.add_parser("compare", help="paired bootstrap: method differences on the same examples")
+    cp.add_argument("root", metavar="RUNS", help="directory of {split}/{method}/seed{N}/ runs")
+    cp.add_argument("--split", required=True, help="the split directory under RUNS to compare")
+    cp.add_argument("--part", default="test", help="which predictions: {part}-{prune}.jsonl.gz")
+    cp.add_argument("--prune", type=float, default=0, help="pruning level of the predictions (%%)")
+    cp.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    cp.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's generator")
+    cp.add_argument("--metrics", nargs="+", choices=list(compare.METRICS),
+                    default=["acc", "ece", "paper_ece"], help="metrics to compare")
+    cp.add_argument("--out", default=None,
+                    help="where compare.md and compare.json go (default RUNS/report)")
     args = ap.parse_args(argv)
     if not Path(args.root).is_dir():
-        raise SystemExit(f"eval.py: RUN_ROOT {args.root} is not a directory")
+        raise SystemExit(f"eval.py: {'RUN_ROOT' if args.cmd == 'report' else 'RUNS'} {args.root} "
+                         f"is not a directory")
+    if args.cmd == "compare" and args.resamples < 1:
+        raise SystemExit(f"eval.py: --resamples must be at least 1, got {args.resamples}")
     try:
-        text = report(args.root, args.out)
+        if args.cmd == "report":
+            text = report(args.root, args.out)
+        else:
+            text = compare.compare(args.root, args.split, args.part, args.prune, args.resamples,
+                                   args.seed, args.metrics, args.out, METHODS)
     except OSError as e:
-        raise SystemExit(f"eval.py: cannot write the report: {e}")
+        raise SystemExit(f"eval.py: cannot write the {args.cmd} output: {e}")
     print(text, end="")
-    print(f"(written to {Path(args.out) if args.out else Path(args.root) / 'report'})", file=sys.stderr)
+    print(f"(written to {Path(args.out or Path(args.root) / 'report')})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -309,3 +309,232 @@ def test_report_cli_errors(tmp_path, capsys):
     (tmp_path / "nli" / "lora" / "seed0").mkdir(parents=True)
     with pytest.raises(SystemExit, match="no finished runs"):
         ev.main(["report", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- more metrics
+
+
+def test_paper_ece_matches_torchmetrics_per_example():
+    tmc = pytest.importorskip("torchmetrics.classification")
+    g = torch.Generator().manual_seed(4)
+    for dtype in (torch.float32, torch.float64):
+        probs4 = torch.softmax(3 * torch.randn(120, 4, generator=g, dtype=dtype), dim=1)
+        probs4[:10] = _edge_probs(10, 4, dtype, g)  # on torchmetrics' bin edges and at 1.0
+        probs4[10] = torch.tensor([1.0, 0, 0, 0])
+        probs4[11] = torch.tensor([0.4, 0.4, 0.1, 0.1])  # a tie: the first letter is the prediction
+        labels = torch.randint(0, 4, (120,), generator=g)
+        labels[10:12] = torch.tensor([0, 1])
+        ece = tmc.MulticlassCalibrationError(num_classes=4, n_bins=10, norm="l1")
+        want = sum(ece(probs4[i:i + 1], labels[i:i + 1]).item() for i in range(120)) / 120
+        assert ev.paper_ece(probs4, labels) == pytest.approx(want, abs=1e-7)
+    # by hand: |.7 - 1| (right), |.4 - 0| (the tie goes to A, wrong), |1 - 1|
+    probs4 = [[0.7, 0.1, 0.1, 0.1], [0.4, 0.4, 0.1, 0.1], [0.0, 0.0, 1.0, 0.0]]
+    assert ev.paper_ece(probs4, [0, 1, 2]) == pytest.approx((0.3 + 0.4 + 0) / 3)
+    with pytest.raises(ValueError, match="probs4"):
+        ev.paper_ece([[0.5, 0.5]], [0])
+
+
+def test_brier_nll_vocab_accuracy_closed_forms():
+    probs = [[0.7, 0.2, 0.1], [0.5, 0.5], [0.1, 0.2, 0.3, 0.4]]  # ragged: 3, 2 and 4 options
+    labels = [0, 1, 2]
+    # (.3^2 + .2^2 + .1^2), (.5^2 + .5^2), (.1^2 + .2^2 + .7^2 + .4^2)
+    assert ev.brier(probs, labels) == pytest.approx((0.14 + 0.5 + 0.70) / 3)
+    assert ev.nll(probs, labels) == pytest.approx(-math.log(0.7 * 0.5 * 0.3) / 3)
+    assert ev.brier([[1.0, 0.0]], [1]) == 2.0  # the largest possible
+    assert ev.vocab_accuracy([65, 66, 1234, 67], [65, 67, 66, 67]) == 0.5  # a non-letter is wrong
+    assert ev.vocab_accuracy(torch.tensor([3]), torch.tensor([3])) == 1.0
+    with pytest.raises(ValueError, match="answer ids"):
+        ev.vocab_accuracy([1, 2], [1])
+
+
+def _row(task, i, label, probs, probs4=None, argmax=None):
+    return {"task": task, "id": i, "label": label, "n_options": len(probs), "probs": probs,
+            "probs4": probs4 or [0.25] * 4, "answer_id": 10 + label,
+            "vocab_argmax": 10 + label if argmax is None else argmax}
+
+
+def test_metrics_pooled_and_macro():
+    rows = [_row("a", 0, 0, [0.9, 0.1]), _row("a", 1, 1, [0.6, 0.4], argmax=99),
+            _row("a", 2, 1, [0.2, 0.8]), _row("b", 0, 2, [0.3, 0.3, 0.4], [0.1, 0.1, 0.7, 0.1])]
+    m = ev.metrics(rows)
+    names = ["acc", "ece", "nll", "brier", "vocab_acc", "paper_ece"]
+    assert set(m) == {"n", *names, *(f"macro_{k}" for k in names)}
+    assert m["n"] == 4 and m["acc"] == 0.75 and m["vocab_acc"] == 0.75
+    assert m["macro_acc"] == m["macro_vocab_acc"] == pytest.approx((2 / 3 + 1) / 2)
+    # paper ECE: task a, A-D uniform: the tie goes to A: right once (|.25 - 1|), wrong twice (.25)
+    assert m["macro_paper_ece"] == pytest.approx(((0.75 + 0.25 + 0.25) / 3 + 0.3) / 2)
+    assert m["paper_ece"] == pytest.approx((0.75 + 0.25 + 0.25 + 0.3) / 4)
+    assert m["macro_nll"] == pytest.approx((-math.log(0.9 * 0.4 * 0.8) / 3 - math.log(0.4)) / 2)
+    labels = [r["label"] for r in rows]
+    assert m["ece"] == ev.expected_calibration_error([r["probs"] for r in rows], labels)
+    with pytest.raises(ValueError, match="at least one"):
+        ev.metrics([])
+
+
+def test_predictions_files_reproduce_the_metrics_exactly(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for i in range(200):
+        k = 2 + i % 3
+        logits = 4 * torch.randn(4, generator=g)  # fp32 logits, as scored, then float64 lists
+        argmax = int(torch.randint(8, 14, (1,), generator=g))
+        rows.append(_row(f"task{i % 4}", i // 4, i % k, logits[:k].double().softmax(0).tolist(),
+                         logits.double().softmax(0).tolist(), argmax))
+    path = ev.write_predictions(tmp_path / "run" / "predictions" / "test-0.jsonl.gz", rows)
+    back = ev.read_predictions(path)
+    assert back == rows
+    assert ev.metrics(back) == ev.metrics(rows)  # bit for bit: final.json's numbers come back
+
+
+# ----------------------------------------------------------------------------- more pruning
+
+
+@pytest.mark.parametrize("method,p", [("lora", 10), ("abmll", 30)])
+def test_adapted_pruning_zeroes_smallest_outputs_per_token(model, method, p):
+    abmll.inject(model, method)
+    kinds = (abmll.LoRALinear, abmll.BayesLoRALinear)
+    adapted = [m for m in model.modules() if isinstance(m, kinds)]
+    assert len(adapted) == 3 * len(model.layers)
+    x, snap = _tokens(), _snapshot(model)
+    raw, cut = [], []
+    for m in adapted:  # before pruned(): the layer's own output; after: what the model goes on with
+        m.register_forward_hook(lambda mod, a, o: raw.append(o.clone()))
+    with ev.pruned(model, p, "adapted"), torch.no_grad():
+        for m in adapted:
+            m.register_forward_hook(lambda mod, a, o: cut.append(o.clone()))
+        model(x)
+    assert len(raw) == len(cut) == len(adapted)
+    for r, c in zip(raw, cut):
+        zero = c == 0
+        assert (zero.sum(-1) == int(p * c.shape[-1] / 100 + 0.5)).all()  # wq 64, wv 32 wide
+        assert torch.equal(c[~zero], r[~zero])
+        a = r.abs()
+        assert (a.masked_fill(~zero, -1).amax(-1) <= a.masked_fill(zero, math.inf).amin(-1)).all()
+    assert all(len(m._forward_hooks) == 2 for m in adapted)  # pruned()'s own hook is gone
+    for m in adapted:
+        m._forward_hooks.clear()
+    _assert_same(model, snap)
+
+
+def test_pruning_mode_errors(model):
+    with pytest.raises(ValueError, match="no adapted layers"), ev.pruned(model, 10, "adapted"):
+        pass
+    with pytest.raises(ValueError, match="calib"), ev.pruned(model, 10, "channel"):
+        pass
+    with pytest.raises(ValueError, match="activation, weight, adapted, channel"):
+        with ev.pruned(model, 10, "x"):
+            pass
+    assert ev.PRUNE_MODES == ("activation", "weight", "adapted", "channel")
+
+
+def _calib():
+    """Two right-padded batches: a row's tokens after answer_pos + 1 are padding (id 0)."""
+    g = torch.Generator().manual_seed(6)
+    batches = []
+    for pos in ([5, 2], [3, 6, 4]):
+        tokens = torch.randint(1, 512, (len(pos), 9), generator=g)
+        pos = torch.tensor(pos)
+        tokens[torch.arange(9) > pos[:, None] + 1] = 0
+        batches.append({"tokens": tokens, "answer_pos": pos})
+    return batches
+
+
+@pytest.mark.parametrize("p", [10, 30])
+def test_channel_pruning_zeroes_the_quietest_channels(model, p):
+    with torch.no_grad():  # loud padding: counted by mistake, it would change the ranking
+        model.tok_embeddings.weight[0] *= 300
+    calib, x, snap = _calib(), _tokens(), _snapshot(model)
+    total = [torch.zeros(64, dtype=torch.float64) for _ in model.layers]
+    count = [0] * len(model.layers)
+    for batch in calib:  # the reference ranking: its own hooks, its own mask
+        outs = []
+        handles = [la.register_forward_hook(lambda m, a, o: outs.append(o)) for la in model.layers]
+        with torch.no_grad():
+            model(batch["tokens"], logits_at=batch["answer_pos"][:, None])
+        for h in handles:
+            h.remove()
+        for i, o in enumerate(outs):
+            # (T_b, dim) real tokens of row b; the last block ran at answer_pos only: (1, dim)
+            rows = [o[b, :batch["answer_pos"][b] + 2] if o.shape[1] > 1 else o[b] for b in range(len(o))]
+            total[i] += torch.cat(rows).abs().double().sum(0)
+            count[i] += sum(len(r) for r in rows)
+    k = int(p * 64 / 100 + 0.5)
+    want = [set((t / c).argsort()[:k].tolist()) for t, c in zip(total, count)]
+    cut = []
+    with ev.pruned(model, p, "channel", calib), torch.no_grad():
+        for layer in model.layers:
+            layer.register_forward_hook(lambda m, a, o: cut.append(o.clone()))
+        model(x)
+    for c, w in zip(cut, want):
+        dead = (c == 0).all(dim=(0, 1))  # (dim,): zero at every token
+        assert set(dead.nonzero()[:, 0].tolist()) == w
+    for layer in model.layers:
+        layer._forward_hooks.clear()
+    _assert_same(model, snap)
+
+
+# ----------------------------------------------------------------------------- more reports
+
+
+def _extend(d, **keys):
+    final = json.loads((d / "final.json").read_text())
+    (d / "final.json").write_text(json.dumps(final | keys))
+
+
+def test_report_new_metrics_adaptation_and_diagnostics(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    root = tmp_path / "runs"
+    for seed, x in enumerate((0.2, 0.3)):
+        d = _write_run(root, "nli", "abmll", seed, 0.8, 0.1, pruning=False)
+        _extend(d, test_paper_ece=x, test_vocab_acc=x + 0.5, test_brier=x / 2,
+                adapt_curve={"k": [0, 1, 5], "acc": [0.5, 0.6 + x, 0.7], "ece": [0.3, 0.2, 0.1]},
+                pruning_modes={mode: {"acc": {"0": 0.8, "10": x}, "ece": {"0": 0.1, "10": 0.2}}
+                               for mode in ("adapted", "channel")})
+        lines = [json.dumps({"epoch": e, "val_acc": 0.5, "val_ece": 0.1, "time_s": 1.0,
+                             "diag": {"theta_logvar": {"wq": [-21, -20 + e, -19 + e],
+                                                       "wv": [-22, -21, -20]},
+                                      "noise_ratio": {"wq": 1e-4}, "sample_vs_mean": 0.01}})
+                 for e in (1, 2, 3)]
+        (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    _write_run(root, "nli", "lora", 0, 0.7, 0.2)  # an older run: none of the new keys
+    out = ev.report(root)
+    assert capsys.readouterr().err == ""
+    section = lambda title: out[out.index(f"### {title}"):].split("\n\n")[1]  # noqa: E731
+    assert "| ABMLL | 0.250 ± 0.050 |" in section("Test paper ECE (the authors' per-example gap)")
+    assert "| ABMLL | 75.0% ± 5.0% |" in section("Test accuracy over the whole vocabulary")
+    assert "| ABMLL | 0.125 ± 0.025 |" in section("Test Brier score")
+    assert "Regular LoRA" not in section("Test Brier score")
+    for mode in ("adapted", "channel"):
+        table = section(f"Pruning, nli, {mode} mode: test accuracy")
+        assert "| ABMLL | 80.0% ± 0.0% | 25.0% ± 5.0% |" in table
+    table = section("Pruning, nli, activation mode: test accuracy")  # the older "pruning" key
+    assert "| Regular LoRA | 70.0% ± 0.0% | 69.9% ± 0.0%" in table
+    adapt = section("Test-time adaptation, nli: test accuracy after k steps")
+    assert "| Method | k = 0 | k = 1 | k = 5 |" in adapt
+    assert "| ABMLL | 50.0% ± 0.0% | 85.0% ± 5.0% | 70.0% ± 0.0% |" in adapt
+    for png in ("curves_nli.png", "adapt_nli.png", "diag_nli.png"):
+        assert (root / "report" / png).read_bytes()[:4] == b"\x89PNG" and f"]({png})" in out
+
+
+def test_report_survives_bad_bytes_and_out_of_range_values(tmp_path, capsys):
+    root = tmp_path / "runs"
+    d = _write_run(root, "nli", "abmll", 0, 0.8, 0.1)
+    with open(d / "metrics.jsonl", "ab") as f:
+        f.write(b'{"epoch": 5, "val_acc": 0.5, "val_ece": 0.1, "note": "\xff"}\n')
+        f.write(b'{"epoch": 6, "val_acc": 0.5, "val_ece": 0.1}\n')
+    _extend(d, test_brier=3.5, test_macro_nll=-1.0, test_vocab_acc=0.75)
+    odd = _write_run(root, "nli", "lora", 0, 0.7, 0.2)
+    _extend(odd, test_acc=7.5)  # written in percent by mistake: would show as 750.0%
+    out = ev.report(root)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    warnings = sorted(err.splitlines())
+    assert len(warnings) == 4, err
+    final = d / "final.json"
+    assert warnings[0].startswith(f"warning: {final}: test_brier = 3.5 is not a number in [0, 2]")
+    assert warnings[1].startswith(f"warning: {final}: test_macro_nll = -1.0 is not a number in [0, inf]")
+    assert warnings[2].startswith(f"warning: {d / 'metrics.jsonl'}:5: bad line")
+    assert warnings[3] == f"warning: {odd / 'final.json'}: test_acc = 7.5 is not a number in [0, 1], skipped"
+    assert "Regular LoRA" not in out and "750" not in out and "Brier" not in out
+    assert "| ABMLL | 75.0% ± 0.0% |" in out  # the run stays, with its good keys
+    assert "1 seed, 5 ep" in out  # 4 epochs + line 6; line 5 (the stray byte) is left out
