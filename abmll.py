@@ -29,6 +29,8 @@ from safetensors.torch import load_file, save_file
 # weight-sized transients are made this many entries at a time (16 MiB in fp32), so the full
 # d_out x d_in matrices of sigma, eps or the KL terms never exist at once, whatever the model's size
 CHUNK = 1 << 22
+NOISE = ("weight", "activation")  # where BayesLoRALinear draws its sample: the paper's text, the authors' code
+KL = ("closed", "mc")  # KL(q(phi|D) || p(phi|theta)): closed form, or the authors' one-sample estimate
 
 
 @dataclass
@@ -43,7 +45,9 @@ class Config:
     beta: float = 1e-8  # tempers the weight-space terms, ~1e6 per weight entry (Eq. 2)
     a0: float = 1.0  # Gamma prior on the precision 1/sigma^2: shape
     b0: float = 0.01  # and rate
-    weight_decay: float = 0.01  # torch's AdamW default; the paper names AdamW and no decay
+    weight_decay: float = 0.01  # torch's AdamW default; the paper names AdamW and no decay (authors: 0)
+    prior_scale: float = 1.0  # the prior's weight is beta * prior_scale: 1 (paper), 1 / M tasks (authors' code)
+    outer_grad: str = "kl"  # "kl": theta moves by the KL and prior only; "fo": + grad_phi NLL(query) (FOMAML)
 
 
 def _lowrank(x, A, B, s):
@@ -153,6 +157,75 @@ class _SampledLinear(torch.autograd.Function):
         return None if gx is None else gx.to(x.dtype).view_as(x), None, *grads, None, None, None
 
 
+# -----------------------------------------------------------------------------
+# the authors' reading: noise on the layer's output, one log-variance per output element and token
+
+
+class _Recomputed(torch.autograd.Function):
+    """fn(*inputs), keeping only the inputs for backward, which runs fn again under autograd (activation
+    checkpointing of one term): a noise or KL term then costs no output-sized memory between the passes.
+    fn must be deterministic; its noise comes from a generator seeded by an argument bound into fn."""
+
+    @staticmethod
+    def forward(ctx, fn, *inputs):
+        ctx.fn = fn
+        ctx.save_for_backward(*inputs)
+        return fn(*inputs)
+
+    @staticmethod
+    def backward(ctx, g):
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
+        with torch.enable_grad():
+            out = ctx.fn(*inputs)
+        grads = iter(torch.autograd.grad(out, [t for t in inputs if t.requires_grad], g))
+        return None, *(next(grads) if t.requires_grad else None for t in inputs)
+
+
+def _act_dtype(x, factor):
+    return torch.promote_types(torch.promote_types(x.dtype, factor.dtype), torch.float32)  # fp32, fp64 for fp64
+
+
+def _act_eps(shape, seed, dtype, device):
+    """eps ~ N(0, 1) of the output's shape from its own generator: the same seed gives the same eps."""
+    return torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), dtype=dtype, device=device)
+
+
+def _act_noise(x, b_lv, a_lv, s, log_c, seed):
+    """e^(l/2) eps with l = s B_logvar A_logvar x + log_c (..., d_out), in fp32 under autocast too."""
+    with torch.autocast(x.device.type, enabled=False):
+        lv = _lowrank(x.to(_act_dtype(x, b_lv)), a_lv, b_lv, s) + log_c
+        return lv.mul_(0.5).exp_() * _act_eps(lv.shape, seed, lv.dtype, lv.device)
+
+
+def _act_outputs(x, factors, s, log_c):
+    """[s B A x (+ log_c for the log-variances)] for (B_mean, A_mean, B_logvar, A_logvar, ...) pairs; one
+    matmul makes every A x at once (..., n_pairs * r), then one per B."""
+    dt, r = _act_dtype(x, factors[0]), factors[1].shape[0]
+    u = F.linear(x.to(dt), torch.cat(factors[1::2]).to(dt)).split(r, -1)  # n_pairs x (..., r)
+    return [F.linear(u_n, (B * s).to(dt)) + (log_c if n % 2 else 0.0) for n, (u_n, B) in enumerate(zip(u, factors[::2]))]
+
+
+def _act_kl(x, *factors, s, log_c, seed):
+    """KL(q(phi|D) || p(phi|theta)) summed over the output elements of one forward (fp64 scalar):
+    closed form gaussian_kl(m_phi, l_phi, m_theta, l_theta) when seed is None, else the authors' one sample
+        log N(y~; m_phi, e^l_phi) - log N(y~; m_theta, e^l_theta) = ½ [(y~ - m_theta)^2 e^-l_theta + l_theta - eps^2 - l_phi],
+    y~ = m_phi + e^(l_phi / 2) eps with the forward's eps (log 2 pi cancels)."""
+    with torch.autocast(x.device.type, enabled=False):
+        m_q, l_q, m_p, l_p = _act_outputs(x, factors, s, log_c)
+        if seed is None:
+            return gaussian_kl(m_q, l_q, m_p, l_p).sum(dtype=torch.float64)
+        eps = _act_eps(m_q.shape, seed, m_q.dtype, m_q.device)
+        y = m_q + (0.5 * l_q).exp() * eps
+        return (0.5 * ((y - m_p) ** 2 * (-l_p).exp() + l_p - eps**2 - l_q)).sum(dtype=torch.float64)
+
+
+def _act_prior(x, *factors, s, log_c, a0, b0):
+    """-log p(theta) on theta's output activations: neg_log_prior(m_theta, l_theta) summed (fp64 scalar)."""
+    with torch.autocast(x.device.type, enabled=False):
+        m_p, l_p = _act_outputs(x, factors, s, log_c)
+        return neg_log_prior(m_p, l_p, a0, b0).sum(dtype=torch.float64)
+
+
 class BayesLoRALinear(nn.Module):
     """Four LoRA pairs around a frozen W0 (Section 4): the mean and log-variance of theta and of phi.
 
@@ -165,10 +238,19 @@ class BayesLoRALinear(nn.Module):
     by the batch (training, and the paper's one-sample inference); "mean": phi = W0 + mu_phi.
     """
 
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16, log_c: float = -20.0):
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16, log_c: float = -20.0,
+                 noise: str = "weight", kl: str = "closed"):
         super().__init__()
+        if noise not in NOISE:
+            raise ValueError(f"noise must be one of {', '.join(NOISE)}, not {noise!r}")
+        if kl not in KL:
+            raise ValueError(f"kl must be one of {', '.join(KL)}, not {kl!r}")
+        if kl == "mc" and noise == "weight":
+            raise ValueError("kl='mc' is the authors' one-sample KL on the layer outputs: it needs noise='activation'")
         self.weight, self.bias = base.weight, base.bias
         self.rank, self.alpha, self.scaling, self.log_c, self.mode = rank, alpha, alpha / rank, log_c, "sample"
+        self.noise, self.kl_estimator = noise, kl
+        self.last = None  # activation noise: (x, seed) of the last sampled forward, which kl() and the prior use
         for name in ("theta_mean", "theta_logvar", "phi_mean", "phi_logvar"):
             B, A = _pair(rank, base)
             self.register_parameter(f"{name}_B", B)
@@ -192,24 +274,53 @@ class BayesLoRALinear(nn.Module):
         if self.mode != "sample":
             raise ValueError(f"BayesLoRALinear.mode must be 'sample' or 'mean', not {self.mode!r}")
         seed = int(torch.randint(2**62, ()))  # torch's global generator: torch.manual_seed reproduces a run
+        if self.noise == "activation":
+            return self._forward_activation(x, seed)
         y = _SampledLinear.apply(x, self.weight, *self.pairs("phi"), self.scaling, self.log_c, seed)
         return y if self.bias is None else y + self.bias
 
+    def _forward_activation(self, x, seed):
+        """The authors' layer: y = W0 x + m + e^(l/2) eps, m = s B_mean A_mean x, l = s B_logvar A_logvar x + log_c,
+        eps ~ N(0, 1) of y's shape. The noise term keeps only x and the factors for backward (`_Recomputed`)."""
+        b_mu, a_mu, b_lv, a_lv = self.pairs("phi")
+        self.last = (x, seed)
+        noise = _Recomputed.apply(partial(_act_noise, s=self.scaling, log_c=self.log_c, seed=seed), x, b_lv, a_lv)
+        y = F.linear(x, self.weight, self.bias)
+        return y + (_lowrank(x, a_mu, b_mu, self.scaling) + noise).to(y.dtype)  # noise in fp32 until the sum
+
     def kl(self, wrt: str | None = None):
         """KL(q(phi|D) || p(phi|theta)) summed over the weight (W0 cancels in mu_q - mu_p). wrt = "phi" or
-        "theta" detaches the other group. mu_q - mu_p = s [B_q B_p] [A_q; -A_p] is one low-rank product."""
+        "theta" detaches the other group. mu_q - mu_p = s [B_q B_p] [A_q; -A_p] is one low-rank product.
+
+        Activation noise: summed over every output element of the last sampled forward (batch x tokens x d_out),
+        in closed form between N(m_phi, e^l_phi) and N(m_theta, e^l_theta), or with kl="mc" as the authors'
+        one-sample estimate log N(y~; m_phi, e^l_phi) - log N(y~; m_theta, e^l_theta) at that forward's sample
+        y~ = m_phi + e^(l_phi / 2) eps. Valid after a forward: the terms depend on its input x."""
         bq, aq, blq, alq = self.pairs("phi", grad=wrt in (None, "phi"))
         bp, ap, blp, alp = self.pairs("theta", grad=wrt in (None, "theta"))
+        if self.noise == "activation":
+            x, seed = self._last_input()
+            fn = partial(_act_kl, s=self.scaling, log_c=self.log_c, seed=seed if self.kl_estimator == "mc" else None)
+            return _Recomputed.apply(fn, x, bq, aq, blq, alq, bp, ap, blp, alp)
         factors = (torch.cat([bq, bp], 1), torch.cat([aq, -ap]),  # mu_q - mu_p
                    torch.cat([blq, blp], 1), torch.cat([alq, -alp]),  # lv_q - lv_p: log_c cancels
                    blp, -alp)  # -lv_p
         return _LowRankSum.apply(_kl_terms, self.scaling, (0.0, 0.0, -self.log_c), *factors)
 
     def neg_log_prior(self, a0: float = 1.0, b0: float = 0.01):
-        """-log p(theta) = -log [N(mu_theta; 0, I) Gamma(1/sigma_theta^2; a0, b0)] summed over the weight."""
+        """-log p(theta) = -log [N(mu_theta; 0, I) Gamma(1/sigma_theta^2; a0, b0)] summed over the weight; with
+        activation noise over theta's output activations m_theta, l_theta of the last sampled forward."""
         b_mu, a_mu, b_lv, a_lv = self.pairs("theta")
+        if self.noise == "activation":
+            fn = partial(_act_prior, s=self.scaling, log_c=self.log_c, a0=a0, b0=b0)
+            return _Recomputed.apply(fn, self._last_input()[0], b_mu, a_mu, b_lv, a_lv)
         terms = partial(_prior_terms, a0=a0, b0=b0)
         return _LowRankSum.apply(terms, self.scaling, (0.0, -self.log_c), b_mu, a_mu, b_lv, -a_lv)  # mu, -lv
+
+    def _last_input(self):
+        if self.last is None:
+            raise RuntimeError("activation noise: kl() and neg_log_prior() need a sampled forward first")
+        return self.last
 
 
 # -----------------------------------------------------------------------------
@@ -318,13 +429,17 @@ def bayes_mode(model, mode: str):
 # injecting, grouping, saving and loading adapters
 
 
-def inject(model, method: str, targets=("wq", "wv", "wo"), rank: int = 8, alpha: float = 16, log_c: float = -20.0):
-    """Replace the nn.Linear modules named in `targets` by LoRALinear ("lora") or BayesLoRALinear ("abmll"),
-    in place, and freeze everything else. Returns the model."""
+def inject(model, method: str, targets=("wq", "wv", "wo"), rank: int = 8, alpha: float = 16, log_c: float = -20.0,
+           noise: str = "weight", kl: str = "closed"):
+    """Replace the nn.Linear modules named in `targets` by LoRALinear ("lora") or BayesLoRALinear ("abmll",
+    with its `noise` and `kl`), in place, and freeze everything else. The paper's targets are wq, wv, wo
+    (Table 6); the authors' code adds the MLP's w1, w2, w3. Returns the model."""
     if method not in ("lora", "abmll"):
         raise ValueError(f"unknown method {method!r}: adapters are 'lora' or 'abmll'")
     if rank <= 0:
         raise ValueError(f"rank must be a positive integer, got {rank}")
+    if method == "abmll":  # the layer's own checks, before any module is replaced
+        BayesLoRALinear(nn.Linear(1, 1), 1, noise=noise, kl=kl)
     found = [(n, m) for n, m in model.named_modules() if n.rpartition(".")[2] in targets]
     for t in targets:
         if not any(n.rpartition(".")[2] == t for n, _ in found):
@@ -335,7 +450,7 @@ def inject(model, method: str, targets=("wq", "wv", "wo"), rank: int = 8, alpha:
     model.requires_grad_(False)
     for n, m in found:
         parent, _, leaf = n.rpartition(".")
-        new = LoRALinear(m, rank, alpha) if method == "lora" else BayesLoRALinear(m, rank, alpha, log_c)
+        new = LoRALinear(m, rank, alpha) if method == "lora" else BayesLoRALinear(m, rank, alpha, log_c, noise, kl)
         setattr(model.get_submodule(parent), leaf, new)
     return model
 
@@ -401,13 +516,16 @@ def predictive_probs(model, batch, choices=None, samples: int = 1):
     return probs / samples
 
 
-def _step(opt, loss) -> float:
-    """One optimizer step; a non-finite loss (NLL or KL) stops before any adapter changes."""
+def _step(opt, loss, extra: dict | None = None) -> float:
+    """One optimizer step; a non-finite loss (NLL or KL) stops before any adapter changes. `extra` maps
+    parameters to gradients added after backward (FOMAML's query gradient)."""
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss ({loss.item()}): training stopped, "
                                  "adapters kept at their last good values")
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    for p, g in (extra or {}).items():
+        p.grad = g.clone() if p.grad is None else p.grad.add_(g)
     opt.step()
     return loss.item()
 
@@ -423,22 +541,46 @@ def abmll_inner_step(model, opt, batch, cfg: Config) -> float:
     return _step(opt, nll_loss(model, batch) + cfg.beta * model_kl(model, wrt="phi"))
 
 
-def abmll_outer_step(model, opt, cfg: Config) -> float:
+def abmll_outer_step(model, opt, cfg: Config, batch=None, query=None) -> float:
     """Algorithm 1, outer step: a step on theta for
-        -E_q log p(D|phi) + beta KL(q(phi|D) || p(phi|theta)) + beta (-log p(theta)).
+        -E_q log p(D|phi) + beta KL(q(phi|D) || p(phi|theta)) + beta prior_scale (-log p(theta)).
     First-order, like Reptile: phi is not differentiated through the inner loop, so the NLL does not depend
-    on theta and contributes no gradient. The step therefore runs no forward pass: the KL pulls theta
-    toward the adapted phi, the prior toward N(0, I) x Gamma(a0, b0). Returns that weight-space part."""
-    return _step(opt, cfg.beta * (model_kl(model, wrt="theta") + model_neg_log_prior(model, cfg.a0, cfg.b0)))
+    on theta and contributes no gradient. With weight noise the step runs no forward pass: the KL pulls
+    theta toward the adapted phi, the prior toward N(0, I) x Gamma(a0, b0). With activation noise both terms
+    live on the layer outputs, so a forward on `batch` (the last inner batch, as the authors' code) comes
+    first, without gradients: they would reach phi only. cfg.outer_grad "fo" (first-order MAML, an ablation
+    neither the paper nor the authors' code has) adds grad_phi NLL(query) at the adapted phi onto theta:
+    the identity path of d phi / d theta. Returns the KL-and-prior part of the loss."""
+    layers = bayes_layers(model)
+    extra = None
+    if cfg.outer_grad == "fo":
+        phi, theta = (list(layers_pairs(layers, g)) for g in ("phi", "theta"))
+        extra = dict(zip(theta, torch.autograd.grad(nll_loss(model, query), phi)))
+    if any(m.noise == "activation" for m in layers):
+        with torch.no_grad():
+            nll_loss(model, batch)  # records each layer's input; a fresh sample, as a new forward draws
+    loss = model_kl(model, wrt="theta") + cfg.prior_scale * model_neg_log_prior(model, cfg.a0, cfg.b0)
+    return _step(opt, cfg.beta * loss, extra)
 
 
-def adapt(model, batches, cfg: Config) -> list[float]:
-    """One step per batch from a fresh AdamW (lr inner_lr): on phi with the ABMLL inner loss, or on the LoRA
-    adapters with the NLL. ABMLL's and Reptile's inner loops and test-time adaptation all use it, so
-    adaptation starts alike at training and at test time."""
+def layers_pairs(layers, group: str):
+    """Every (B, A) factor of `group` over the layers, in one order for theta and phi."""
+    return (t for m in layers for t in m.pairs(group))
+
+
+def inner_optimizer(model, cfg: Config):
+    """AdamW (lr inner_lr) on phi, or on the LoRA adapters."""
     groups = param_groups(model)
-    bayes = "phi" in groups
-    opt = torch.optim.AdamW(groups["phi" if bayes else "lora"].values(), lr=cfg.inner_lr, weight_decay=cfg.weight_decay)
+    params = groups["phi" if "phi" in groups else "lora"].values()
+    return torch.optim.AdamW(params, lr=cfg.inner_lr, weight_decay=cfg.weight_decay)
+
+
+def adapt(model, batches, cfg: Config, opt=None) -> list[float]:
+    """One step per batch: on phi with the ABMLL inner loss, or on the LoRA adapters with the NLL. ABMLL's and
+    Reptile's inner loops and test-time adaptation all use it, so adaptation starts alike at training and at
+    test time: from a fresh AdamW, unless `opt` is one carried across tasks (the authors' code)."""
+    opt = inner_optimizer(model, cfg) if opt is None else opt
+    bayes = "phi" in param_groups(model)
     return [abmll_inner_step(model, opt, b, cfg) if bayes else lora_step(model, opt, b) for b in batches]
 
 
@@ -448,12 +590,13 @@ def _copy_into(params: dict, values: dict):
         p.copy_(values[k])
 
 
-def reptile_task(model, batches, cfg: Config) -> list[float]:
-    """Reptile: theta_i <- theta; K steps on task i; theta <- theta + eps (theta_i - theta)."""
+def reptile_task(model, batches, cfg: Config, opt=None) -> list[float]:
+    """Reptile: theta_i <- theta; K steps on task i (fresh AdamW, or `opt` carried across tasks);
+    theta <- theta + eps (theta_i - theta)."""
     params = param_groups(model)["lora"]
     theta = {k: p.detach().clone() for k, p in params.items()}
     try:
-        losses = adapt(model, batches, cfg)
+        losses = adapt(model, batches, cfg, opt)
     except BaseException:  # a NaN, or Ctrl-C: the last good theta comes back
         _copy_into(params, theta)
         raise
@@ -461,14 +604,15 @@ def reptile_task(model, batches, cfg: Config) -> list[float]:
     return losses
 
 
-def abmll_task(model, outer_opt, batches, cfg: Config) -> dict:
-    """One task of Algorithm 1: K inner steps on phi, one outer step on theta, then phi <- theta."""
+def abmll_task(model, outer_opt, batches, cfg: Config, inner_opt=None, query=None) -> dict:
+    """One task of Algorithm 1 (`query`: one more batch of the task, for cfg.outer_grad "fo")."""
     try:
-        inner = adapt(model, batches, cfg)
-        outer = abmll_outer_step(model, outer_opt, cfg)
+        inner = adapt(model, batches, cfg, inner_opt)  # 1) K inner steps on phi
+        outer = abmll_outer_step(model, outer_opt, cfg, batches[-1], query)  # 2) one outer step on theta
     finally:
-        for m in bayes_layers(model):
+        for m in bayes_layers(model):  # 3) phi <- theta
             m.reset_phi()
+            m.last = None  # the last forward's input is no longer needed
     return {"inner": inner, "outer": outer}
 
 

@@ -368,7 +368,8 @@ def setup(args, device, dtype):
             base, _ = llama.load(fetch.resolve_model(args.model), device=device, dtype=dtype)
         except (llama.LoadError, fetch.FetchError) as e:
             sys.exit(f"error: --model: {e}")
-    models = {"lora": abmll.inject(shared_twin(base), "lora"), "abmll": abmll.inject(shared_twin(base), "abmll")}
+    models = {"lora": abmll.inject(shared_twin(base), "lora"), "abmll": abmll.inject(shared_twin(base), "abmll"),
+              "abmll_act": abmll.inject(shared_twin(base), "abmll", noise="activation")}  # the authors' noise
     if device.type == "cpu" and dtype == torch.float32:  # the same adapters on a bf16 copy of the frozen weights
         b16 = shared_twin(base).to(torch.bfloat16)
         for m in ("lora", "abmll"):
@@ -421,7 +422,9 @@ def run(args) -> dict:
         against = "bf16" if "bf16" in name else peak_of
         jobs[f"{method}_step" + name.removeprefix(method)] = (
             lambda m=m, method=method: our_loss(m, batch, method, cfg), opt, method, against)
-        if cpu_bf16 and "bf16" not in name:  # the same model and optimizer under autocast
+        if name == "abmll_act":  # FLOPs: LoRA's useful work (its extra low-rank products are not counted)
+            jobs["abmll_step_act"] = (jobs["abmll_step_act"][0], opt, "lora", against)
+        elif cpu_bf16 and "bf16" not in name:  # the same model and optimizer under autocast
             jobs[f"{method}_step_bf16"] = (
                 lambda m=m, method=method: our_loss(m, batch, method, cfg, amp), opt, method, "bf16")
     if ref:
@@ -474,6 +477,8 @@ def run(args) -> dict:
     # the headline ratios
     R["abmll_vs_lora_step_time"] = R["abmll_step_s"] / R["lora_step_s"]
     R["abmll_vs_lora_saved_bytes"] = R["abmll_step_saved_bytes"] / R["lora_step_saved_bytes"]
+    R["abmll_act_vs_lora_step_time"] = R["abmll_step_act_s"] / R["lora_step_s"]
+    R["abmll_act_vs_lora_saved_bytes"] = R["abmll_step_act_saved_bytes"] / R["lora_step_saved_bytes"]
     if device.type == "cuda":
         R["abmll_vs_lora_cuda_peak"] = R["abmll_step_cuda_peak_bytes"] / R["lora_step_cuda_peak_bytes"]
     for suffix in ("_bf16", "_bf16w"):
@@ -566,12 +571,14 @@ ROWS = [("forward (ours, all logits)", "forward"), ("forward (transformers)", "t
         ("scoring forward (ours, answer logits)", "scoring_forward"),
         ("scoring forward (transformers, logits_to_keep=2)", "transformers_scoring_forward"),
         ("LoRA step (ours)", "lora_step"), ("LoRA step (peft)", "peft_lora_step"), ("ABMLL step (ours)", "abmll_step"),
+        ("ABMLL step (ours, activation noise)", "abmll_step_act"),
         ("LoRA step (ours, bf16 amp)", "lora_step_bf16"), ("ABMLL step (ours, bf16 amp)", "abmll_step_bf16"),
         ("LoRA step (ours, bf16 weights)", "lora_step_bf16w"), ("ABMLL step (ours, bf16 weights)", "abmll_step_bf16w")]
 RATIOS = ["forward_speedup_vs_transformers", "scoring_forward_speedup_vs_transformers",
           "scoring_forward_speedup_vs_transformers_all_logits", "lora_step_speedup_vs_peft", "lora_step_bf16_speedup_vs_peft",
           "lora_step_bf16w_speedup_vs_peft", "lora_step_bf16_speedup_vs_fp32", "lora_step_bf16w_speedup_vs_fp32",
-          "lora_saved_bytes_vs_peft", "abmll_vs_lora_step_time", "abmll_vs_lora_saved_bytes", "abmll_vs_lora_cuda_peak",
+          "lora_saved_bytes_vs_peft", "abmll_vs_lora_step_time", "abmll_vs_lora_saved_bytes",
+          "abmll_act_vs_lora_step_time", "abmll_act_vs_lora_saved_bytes", "abmll_vs_lora_cuda_peak",
           "abmll_vs_lora_step_time_bf16", "abmll_vs_lora_saved_bytes_bf16", "abmll_vs_lora_step_time_bf16w",
           "abmll_vs_lora_saved_bytes_bf16w", "lora_step_fraction_of_gemm_peak", "abmll_step_fraction_of_gemm_peak",
           "forward_max_abs_diff", "lora_loss_abs_diff_vs_peft", "abmll_noise_layer_noise_to_output_bf16_amp",

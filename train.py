@@ -17,6 +17,7 @@ Run directories are laid out as eval.py's docstring says: {out}/{split}/{method}
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -26,6 +27,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import abmll
@@ -39,10 +41,20 @@ RUN_ONLY = ("resume", "compare", "seeds", "device", "out")  # flags that may cha
 # "paper" is Section 5.1.1's setting (for a GPU). "quick" fits a 2-core CPU in minutes: it takes ~1/1000
 # of the paper's steps, and at the paper's learning rates the adapters barely move in so few (measured on
 # nli: Structured LoRA 30.4% vs Pretrained 31.0% test accuracy), so it scales every learning rate by 10.
+# "official" is the authors' code (github zhang-liyi/llm-meta-learning) at the paper's budget: README's table.
 _PAPER_LR = dict(lr=abmll.Config.lr, inner_lr=abmll.Config.inner_lr, outer_lr=abmll.Config.outer_lr)
+_TEXT = dict(targets="wq,wv,wo", noise="weight", kl="closed", weight_decay=abmll.Config.weight_decay,
+             inner_opt="fresh", reptile_anneal="none", prior_weight="beta", prompt="paper", eval_noise="sample",
+             outer_grad="kl")  # the paper's text, as this library reads it
+_AUTHORS = dict(_TEXT, targets="wq,wv,wo,w1,w2,w3", noise="activation", kl="mc", weight_decay=0.0,
+                inner_opt="persistent", reptile_anneal="linear", prior_weight="beta/M", prompt="official",
+                eval_noise="mean")
+_PAPER = dict(epochs=500, tasks_per_epoch=None, max_query=None, max_examples=None, **_PAPER_LR)
 PRESETS = {"quick": dict(epochs=2, tasks_per_epoch=20, max_query=16, max_examples=200,
-                         **{k: 10 * v for k, v in _PAPER_LR.items()}),
-           "paper": dict(epochs=500, tasks_per_epoch=None, max_query=None, max_examples=None, **_PAPER_LR)}
+                         **{k: 10 * v for k, v in _PAPER_LR.items()}, **_TEXT),
+           "paper": dict(_PAPER, **_TEXT),
+           "official": dict(_PAPER, **_AUTHORS)}
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # Meta's names of the linear layers an adapter can wrap
 
 
 class RunError(RuntimeError):
@@ -58,10 +70,11 @@ def score(model, examples, tok, args):
     """Letter probabilities (N, 4) of examples, in batches, with the S-sample predictive."""
     probs = []
     for i in range(0, len(examples), args.eval_batch):
-        batch = data.collate(examples[i:i + args.eval_batch], tok, args.max_len)
+        batch = data.collate(examples[i:i + args.eval_batch], tok, args.max_len, args.prompt)
         batch = {k: v.to(args.device) for k, v in batch.items()}
-        with autocast(args):
-            samples = args.eval_samples if args.method == "abmll" else 1  # LoRA's forward is deterministic
+        mean = args.method == "abmll" and args.eval_noise == "mean"  # the authors score the posterior mean
+        with autocast(args), abmll.bayes_mode(model, "mean") if mean else nullcontext():
+            samples = args.eval_samples if args.method == "abmll" and not mean else 1  # else deterministic
             probs.append(abmll.predictive_probs(model, batch, batch["letter_ids"], samples).cpu())
     return torch.cat(probs) if probs else torch.zeros(0, 4)
 
@@ -71,7 +84,7 @@ def evaluate(model, tasks, part, tok, args, cfg, levels=(0,)):
     on each task's support batches (not for Pretrained), at each pruning level."""
     probs, labels = {p: [] for p in levels}, []
     for task, held in tasks.items():
-        support = [to_device(data.collate(held.support[i:i + 2], tok, args.max_len), args)
+        support = [to_device(data.collate(held.support[i:i + 2], tok, args.max_len, args.prompt), args)
                    for i in range(0, len(held.support), 2)]
         examples = getattr(held, part)
         with autocast(args), abmll.adapted(model, support, cfg) if args.method != "pretrained" else nullcontext():
@@ -109,8 +122,10 @@ def to_device(batch, args):
 
 
 def epoch_tasks(split, epoch, args, cfg):
-    """[(task, [batch of 2 examples] * K)] for this epoch; Regular LoRA gets pooled, shuffled batches."""
-    episodes = [(t, s) for t, s, _ in data.epoch_episodes(split.train, epoch, args.seed, cfg.inner_steps, 2)]
+    """[(task, [batch of 2 examples] * K, query batch or None)] for this epoch; the query batch only for
+    FOMAML's outer gradient. Regular LoRA gets pooled, shuffled batches."""
+    fo = args.method == "abmll" and cfg.outer_grad == "fo"
+    episodes = list(data.epoch_episodes(split.train, epoch, args.seed, cfg.inner_steps, 2, query_batch=fo))
     episodes = episodes[:args.tasks_per_epoch]  # the order is shuffled by (seed, epoch)
     if args.method != "lora":
         return episodes
@@ -119,21 +134,24 @@ def epoch_tasks(split, epoch, args, cfg):
     need = 2 * cfg.inner_steps * len(episodes)  # as many steps as the meta-learners take
     picks = rng.sample(pool, need) if len(pool) >= need else [rng.choice(pool) for _ in range(need)]
     k = 2 * cfg.inner_steps
-    return [("pooled", [picks[j:j + 2] for j in range(i, i + k, 2)]) for i in range(0, need, k)]
+    return [("pooled", [picks[j:j + 2] for j in range(i, i + k, 2)], None) for i in range(0, need, k)]
 
 
 def train_epoch(model, opt, split, epoch, tok, args, cfg, progress):
-    losses = []
-    for task, support in epoch_tasks(split, epoch, args, cfg):
-        batches = [to_device(data.collate(b, tok, args.max_len), args) for b in support]
+    losses, inner_opt = [], opt if args.inner_opt == "persistent" else None  # see build()
+    if args.reptile_anneal == "linear":  # the authors' Reptile: eps = eps0 (1 - epoch / epochs)
+        cfg = dataclasses.replace(cfg, reptile_eps=cfg.reptile_eps * (1 - epoch / args.epochs))
+    for task, support, query in epoch_tasks(split, epoch, args, cfg):
+        batches = [to_device(data.collate(b, tok, args.max_len, args.prompt), args) for b in support]
+        query = None if query is None else to_device(data.collate(query, tok, args.max_len, args.prompt), args)
         progress.task = task
         with autocast(args):
             if args.method in ("lora", "structured"):  # persistent optimizer, no reset
                 step_losses = [abmll.lora_step(model, opt, b) for b in batches]
             elif args.method == "reptile":
-                step_losses = abmll.reptile_task(model, batches, cfg)
+                step_losses = abmll.reptile_task(model, batches, cfg, inner_opt)
             else:  # abmll: K inner steps on phi, one outer step on theta, phi <- theta
-                step_losses = abmll.abmll_task(model, opt, batches, cfg)["inner"]
+                step_losses = abmll.abmll_task(model, opt, batches, cfg, inner_opt, query)["inner"]
         losses += step_losses
         progress.advance(len(batches), step_losses[-1])
     return sum(losses) / max(len(losses), 1)
@@ -170,8 +188,11 @@ class Progress:
 
 def write_atomic(path: Path, write):
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:  # a failed write (a full disk) leaves no half file behind; `path` is untouched
+        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(run: Path, model, opt, state: dict):
@@ -188,31 +209,83 @@ def save_checkpoint(run: Path, model, opt, state: dict):
         groups = sd["param_groups"]
         for i, s in sd["state"].items():
             tensors |= {f"opt.{i}.{k}": v.cpu().contiguous() for k, v in s.items()}
-    write_atomic(run / f"ckpt-{e}.safetensors", lambda p: save_file(tensors, str(p)))
     meta = {k: v for k, v in state.items() if k != "best_adapters"}
     meta |= {"file": f"ckpt-{e}.safetensors", "opt_groups": groups}
-    write_atomic(run / "state.json", lambda p: p.write_text(json.dumps(meta)))
+    try:
+        write_atomic(run / meta["file"], lambda p: save_file(tensors, str(p)))
+        write_atomic(run / "state.json", lambda p: p.write_text(json.dumps(meta)))
+    except (OSError, SafetensorError) as err:  # a full disk: state.json still names the previous checkpoint
+        (run / meta["file"]).unlink(missing_ok=True)  # so a new file it does not name goes
+        raise RunError(f"{run / meta['file']}: cannot write the checkpoint of epoch {e} ({_line(err)}); "
+                       f"the previous checkpoint and state.json are left as they were") from None
     for old in run.glob("ckpt-*.safetensors"):
         if old.name != meta["file"]:
             old.unlink()
 
 
-def load_checkpoint(run: Path, model, opt) -> dict:
-    state = json.loads((run / "state.json").read_text())
-    tensors = load_file(str(run / state["file"]))
-    with torch.no_grad():
-        for k, p in abmll.adapter_params(model).items():
-            p.copy_(tensors[f"adapter.{k}"])
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    if opt is not None:
-        per = {}
-        for k, v in tensors.items():
-            if k.startswith("opt."):
-                _, i, name = k.split(".", 2)
-                per.setdefault(int(i), {})[name] = v
-        opt.load_state_dict({"state": per, "param_groups": state["opt_groups"]})
+def _line(err) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def load_checkpoint(run: Path, model, opt, epochs: int | None = None) -> dict:
+    """state.json and the checkpoint it names, checked against each other and against this run: an epoch
+    in [0, epochs] with as many history lines, its own ckpt-{epoch}.safetensors inside the run directory,
+    every key present, adapter shapes that fit. Anything wrong is one RunError naming the file."""
+    path = run / "state.json"
+
+    def bad(where, what):
+        return RunError(f"{where}: {what}; cannot resume (start the run again with another --out)")
+
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise bad(path, f"unreadable ({_line(e)})") from None
+    missing = [k for k in ("epoch", "best_acc", "best_epoch", "history", "file", "opt_groups")
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise bad(path, f"missing keys {', '.join(missing)}")
+    e, top = state["epoch"], state["epoch"] if epochs is None else epochs
+    if type(e) is not int or not 0 <= e <= top:
+        raise bad(path, f"epoch {json.dumps(e)} is not an epoch of this run (0 to {top})")
+    if not isinstance(state["history"], list) or len(state["history"]) != e:
+        raise bad(path, f"epoch {e} but {json.dumps(state['history'])[:40]} as its history (a line per epoch)")
+    if type(state["best_epoch"]) is not int or not -1 <= state["best_epoch"] <= e \
+            or type(state["best_acc"]) not in (int, float):
+        raise bad(path, f"best_epoch {json.dumps(state['best_epoch'])} / best_acc "
+                        f"{json.dumps(state['best_acc'])} are not those of a run at epoch {e}")
+    if state["file"] != f"ckpt-{e}.safetensors":  # a plain name, inside the run directory, of this epoch
+        raise bad(path, f"file {json.dumps(state['file'])} is not ckpt-{e}.safetensors, epoch {e}'s checkpoint")
+    ckpt = run / state["file"]
+    try:
+        tensors = load_file(str(ckpt))
+    except (OSError, SafetensorError) as err:  # SafetensorError is not an OSError
+        raise bad(ckpt, f"unreadable checkpoint ({_line(err)})") from None
+    params = abmll.adapter_params(model)
+    missing = [k for k in [f"{w}.{k}" for w in ("adapter", "best") for k in params] + ["rng.torch"]
+               if k not in tensors]
+    if missing:
+        raise bad(ckpt, f"{len(missing)} tensors missing, such as {missing[0]} (another method or model?)")
+    for k, p in params.items():
+        for w in ("adapter", "best"):
+            if tuple(tensors[f"{w}.{k}"].shape) != tuple(p.shape):
+                raise bad(ckpt, f"{w}.{k} has shape {tuple(tensors[f'{w}.{k}'].shape)}, this run's "
+                                f"adapter {tuple(p.shape)}")
+    try:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(tensors[f"adapter.{k}"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if "rng.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        if opt is not None:
+            per = {}
+            for k, v in tensors.items():
+                if k.startswith("opt."):
+                    _, i, name = k.split(".", 2)
+                    per.setdefault(int(i), {})[name] = v
+            opt.load_state_dict({"state": per, "param_groups": state["opt_groups"]})
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise bad(ckpt, f"does not fit this run's optimizer or RNG ({_line(err)})") from None
     state["best_adapters"] = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
     return state
 
@@ -234,24 +307,34 @@ def build(args, cfg):
         data.letter_tokens(tok)  # the answer letters must be single tokens: say so before any training
     except data.DataError as e:
         raise RunError(f"--model {args.model}: {e}") from None
+    if args.max_len > model.args.max_seq_len:  # say so now, not when a long prompt first reaches the model
+        raise RunError(f"--max-len {args.max_len} exceeds the context of --model {args.model} "
+                       f"({model.args.max_seq_len} tokens)")
     if args.method != "pretrained":
-        abmll.inject(model, "abmll" if args.method == "abmll" else "lora", rank=args.rank, alpha=args.alpha,
-                     log_c=args.log_c)  # adapters are fp32 whatever the base dtype
-    groups = abmll.param_groups(model)
+        bayes = dict(noise=args.noise, kl=args.kl) if args.method == "abmll" else {}
+        abmll.inject(model, "abmll" if args.method == "abmll" else "lora", targets=args.targets, rank=args.rank,
+                     alpha=args.alpha, log_c=args.log_c, **bayes)  # adapters are fp32 whatever the base dtype
+    groups, wd = abmll.param_groups(model), cfg.weight_decay
     opt = None
     if args.method == "lora":
-        opt = torch.optim.AdamW(groups["lora"].values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    elif args.method == "structured":
-        opt = torch.optim.AdamW(groups["lora"].values(), lr=cfg.inner_lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(groups["lora"].values(), lr=cfg.lr, weight_decay=wd)
+    elif args.method == "structured" or (args.method == "reptile" and args.inner_opt == "persistent"):
+        opt = torch.optim.AdamW(groups["lora"].values(), lr=cfg.inner_lr, weight_decay=wd)
     elif args.method == "abmll":
-        opt = torch.optim.AdamW(groups["theta"].values(), lr=cfg.outer_lr, weight_decay=cfg.weight_decay)
+        # a persistent inner optimizer is a second group of the same AdamW: a parameter without a gradient is
+        # skipped, so inner steps move phi and outer steps theta, each with its own state, as two AdamWs
+        # would; one optimizer state is then what a checkpoint holds
+        inner = [{"params": list(groups["phi"].values()), "lr": cfg.inner_lr}] * (args.inner_opt == "persistent")
+        opt = torch.optim.AdamW([{"params": list(groups["theta"].values()), "lr": cfg.outer_lr}, *inner],
+                                weight_decay=wd)
     return model, tok, opt
 
 
 def run(args) -> dict:
     """Train (unless Pretrained), validate every epoch, test the best epoch; returns final.json's content."""
     cfg = abmll.Config(inner_steps=args.inner_steps, lr=args.lr, inner_lr=args.inner_lr, outer_lr=args.outer_lr,
-                       reptile_eps=args.reptile_eps, beta=args.beta, a0=args.a0, b0=args.b0)
+                       reptile_eps=args.reptile_eps, beta=args.beta, a0=args.a0, b0=args.b0,
+                       weight_decay=args.weight_decay, outer_grad=args.outer_grad)
     rundir = Path(args.out) / args.split / args.method / f"seed{args.seed}"
     if (rundir / "state.json").exists() and not args.resume:
         raise RunError(f"{rundir} already holds a run: pass --resume to continue it or --out elsewhere")
@@ -262,8 +345,11 @@ def run(args) -> dict:
                                 max_examples=args.max_examples, max_query=args.max_query)
     except (data.DataError, fetch.FetchError) as e:
         raise RunError(f"--split {args.split}: {e}") from None
+    if args.prior_weight == "beta/M":  # the authors weight -log p(theta) by beta / (number of training tasks)
+        cfg.prior_scale = 1 / len(split.train)
     epochs = 1 if args.method == "pretrained" else args.epochs
     rundir.mkdir(parents=True, exist_ok=True)
+    data.save_report(split, rundir / "data_report.json")  # what was kept and dropped per task: stderr, file
     config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
     if args.resume and (rundir / "state.json").exists():
         try:
@@ -281,10 +367,7 @@ def run(args) -> dict:
     state = {"epoch": 0, "best_acc": -1.0, "best_epoch": -1, "history": [],
              "best_adapters": {k: v.detach().cpu().clone() for k, v in abmll.adapter_params(model).items()}}
     if args.resume and (rundir / "state.json").exists():
-        try:
-            state = load_checkpoint(rundir, model, opt)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:  # SafetensorError is an OSError
-            raise RunError(f"{rundir}: cannot resume ({type(e).__name__}: {e})") from None
+        state = load_checkpoint(rundir, model, opt, epochs)  # every problem is one RunError naming the file
         print(f"resuming {rundir} after epoch {state['epoch']}", file=sys.stderr)
     n_tasks = min(len(split.train), args.tasks_per_epoch or len(split.train))
     progress = Progress((epochs - state["epoch"]) * n_tasks * cfg.inner_steps, epochs)
@@ -296,7 +379,8 @@ def run(args) -> dict:
                 model, opt, split, epoch, tok, args, cfg, progress)
         except FloatingPointError as e:
             progress.end_line()
-            raise RunError(f"epoch {epoch + 1}: {e}; the last good checkpoint (epoch {state['epoch']}) is in {rundir}")
+            raise RunError(f"epoch {epoch + 1}: {e}; " + (f"the last good checkpoint (epoch {state['epoch']}) is in "
+                           f"{rundir}" if state["epoch"] else "no epoch had finished, so there is no checkpoint"))
         progress.end_line()
         try:
             val = evaluate(model, split.test, "val", tok, args, cfg)[0]
@@ -351,7 +435,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m", help="built-in name or a Meta / HF directory or .gguf file")
     p.add_argument("--data-dir", default=None, help="MetaICL-layout data (default: the offline benchmark)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, adapters and episodes")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="quick (CPU, minutes) or paper")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="quick (CPU, minutes), paper (the "
+                   "paper's text) or official (the authors' code); explicit flags override it")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
     p.add_argument("--tasks-per-epoch", type=int, default=None, help="training tasks per epoch, a fresh seeded "
                    "sample each epoch (default: the preset's; paper: all)")
@@ -370,6 +455,25 @@ def parse_args(argv=None):
     p.add_argument("--a0", type=float, default=d.a0, help="Gamma prior shape")
     p.add_argument("--b0", type=float, default=d.b0, help="Gamma prior rate")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    # the paper's text vs the authors' code (README's table); defaults: the preset's
+    p.add_argument("--targets", default=None, help=f"adapted linear layers, comma-separated, of {','.join(TARGETS)} "
+                   "(paper: wq,wv,wo; authors: + w1,w2,w3)")
+    p.add_argument("--noise", choices=abmll.NOISE, default=None, help="ABMLL's sample: on the weights (paper) or "
+                   "on the adapted layers' outputs (authors)")
+    p.add_argument("--kl", choices=abmll.KL, default=None, help="KL(q(phi)||p(phi|theta)): closed form, or the "
+                   "authors' one-sample estimate (activation noise only)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW's (library 0.01, authors 0)")
+    p.add_argument("--inner-opt", choices=["fresh", "persistent"], default=None, help="ABMLL's / Reptile's inner "
+                   "AdamW: fresh per task, or one carried across tasks (authors); test time is always fresh")
+    p.add_argument("--reptile-anneal", choices=["none", "linear"], default=None,
+                   help="Reptile's eps: constant, or eps (1 - epoch / epochs) (authors)")
+    p.add_argument("--prior-weight", choices=["beta", "beta/M"], default=None,
+                   help="weight of -log p(theta): beta, or beta / number of training tasks (authors)")
+    p.add_argument("--prompt", choices=sorted(data.PROMPTS), default=None, help="Appendix A.3's or the authors'")
+    p.add_argument("--eval-noise", choices=["sample", "mean"], default=None,
+                   help="ABMLL's scoring: --eval-samples samples (paper) or the posterior mean (authors)")
+    p.add_argument("--outer-grad", choices=["kl", "fo"], default=None, help="theta's gradient: the KL and prior "
+                   "(paper, authors), or + grad_phi NLL on a query batch (first-order MAML ablation)")
     p.add_argument("--alpha", type=float, default=16, help="LoRA alpha (scaling alpha / rank)")
     p.add_argument("--eval-samples", type=int, default=1, help="weight samples averaged when scoring ABMLL")
     p.add_argument("--eval-batch", type=int, default=8, help="examples per scoring batch")
@@ -391,6 +495,13 @@ def parse_args(argv=None):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in args.targets if t not in TARGETS]
+    if unknown or not args.targets:
+        p.error(f"--targets: unknown module {unknown[0]!r}; choose from {','.join(TARGETS)}" if unknown
+                else "--targets: name at least one module")
+    if args.kl == "mc" and args.noise == "weight":
+        p.error("--kl mc: the one-sample KL is the authors' estimate on the layer outputs; it needs --noise activation")
     for flag in ("epochs", "tasks_per_epoch", "max_examples", "max_query", "inner_steps", "rank", "eval_samples",
                  "eval_batch", "max_len"):
         v = getattr(args, flag)
@@ -410,7 +521,26 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: CUDA is not available on this machine")
     if args.dtype == "auto":
         args.dtype = "fp32" if args.device == "cpu" else "bf16"
+    check_args(args, p)
     return args
+
+
+def check_args(args, p):
+    """The numeric hyperparameters, once the presets have filled them: one line naming the flag (exit 2).
+    Each test is written as `lo < v < hi`, which nan fails too."""
+    inf = float("inf")
+    for k in ("lr", "inner_lr", "outer_lr", "a0", "b0", "alpha"):
+        v = getattr(args, k)
+        if not 0 < v < inf:
+            p.error(f"--{k.replace('_', '-')} must be a finite number > 0, got {v}")
+    for k in ("beta", "weight_decay"):
+        v = getattr(args, k, 0.0)
+        if not 0 <= v < inf:
+            p.error(f"--{k.replace('_', '-')} must be a finite number >= 0, got {v}")
+    if not -inf < args.log_c < inf:
+        p.error(f"--log-c must be a finite number, got {args.log_c}")
+    if not 0 < args.reptile_eps <= 1:
+        p.error(f"--reptile-eps must be in (0, 1], got {args.reptile_eps}")
 
 
 def main(argv=None):
