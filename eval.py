@@ -9,10 +9,12 @@ Run directories (written by train.py, read here):
     {root}/{split}/{method}/seed{seed}/
         config.json    the run's arguments (method, split, seed, model, epochs, ...)
         metrics.jsonl  one line per epoch: {"epoch", "train_loss", "val_acc", "val_ece",
-                       "val_nll", "time_s", "diag" (optional)}; time_s = wall seconds of the
-                       epoch (train + val); diag (ABMLL) = {"theta_logvar": {"wq": [p5, p50, p95],
-                       "wv": .., "wo": ..}, "phi_logvar": {..}, "noise_ratio": {"wq": x, ..},
-                       "sample_vs_mean": x}, percentiles of log sigma^2 over each module kind
+                       "val_nll", .. every metrics() key as val_*, "val_time_s", "time_s",
+                       "diag" (optional)}; time_s = wall seconds of the epoch (train + val);
+                       diag (ABMLL) = {"theta_logvar": {"wq": [p5, p50, p95], "wv": .., "wo": ..},
+                       "phi_logvar": {..} (after test-time adaptation on the first held-out
+                       task), "noise_ratio": {"wq": x, ..}, "noise_changed": {..},
+                       "sample_vs_mean": x} (train.diagnostics)
         final.json     {"method", "split", "seed", "best_epoch", "n_test", "test_chance",
                         "test_acc", "test_ece", "test_nll", and in newer runs the rest of
                         metrics() on the test rows: "test_brier", "test_vocab_acc",
@@ -22,10 +24,13 @@ Run directories (written by train.py, read here):
                         {mode: {"acc": {p: x}, "ece": {p: x}}} (several modes in one run);
                         "adapt_curve": {"k": [0, 1, 2, 5, 10], "acc": [..], "ece": [..],
                         "paper_ece": [..]}: test metrics after k test-time adaptation steps}
-        predictions/{part}-{prune}.jsonl.gz   (e.g. test-0, test-10: prune is f"{p:g}") one row
-                       per scored example, {task, id, label, n_options, probs, probs4,
-                       answer_id, vocab_argmax} (compare.py); metrics(read_predictions(path))
-                       gives final.json's test_* numbers bit for bit
+        predictions/{part}-{prune}.jsonl.gz   one row per scored example, {task, id, label,
+                       n_options, probs, probs4, answer_id, vocab_argmax} (compare.py), prune
+                       f"{p:g}": test-0 (unpruned), test-{mode}-{p} (pruned, e.g.
+                       test-adapted-20), val-0 (the best epoch's validation), adapt{k}-0 (after
+                       k test-time steps, --adapt-curve); metrics(read_predictions(path)) gives
+                       final.json's test_* numbers bit for bit
+        data_report.json   what was kept and dropped per task (data.py)
 
 `report` writes report.md, curves_{split}.png, adapt_{split}.png and diag_{split}.png (where
 runs have adapt_curve / diag); `compare` writes compare.md and compare.json, both into --out.
@@ -51,9 +56,10 @@ import compare
 from abmll import BayesLoRALinear, LoRALinear
 from compare import read_predictions, write_predictions  # noqa: F401  the file format lives there
 
-METHODS = {"pretrained": "Pretrained", "lora": "Regular LoRA", "structured": "Struct. LoRA",
+METHODS = {"pretrained": "Pretrained", "pretrained-adapted": "Pretrained + adapt.", "lora": "Regular LoRA",
+           "structured": "Struct. LoRA",
            "reptile": "Reptile", "abmll": "ABMLL"}  # directory -> name, in the paper's row order
-SPLIT_ORDER = ["cls-45", "cls-23", "cls", "nli", "para", "mcqa"]  # the paper's column order
+SPLIT_ORDER = ["cls-45", "cls-23", "cls", "nli", "para", "mcqa", "diag"]  # the paper's column order, then ours
 PRUNE_LEVELS = (0, 1, 10, 20, 30)  # percent, Tables 2 and 4
 PRUNE_MODES = ("activation", "weight", "adapted", "channel")
 # (B, A) of the adapter's mean, merged into the weight by weight-mode pruning

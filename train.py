@@ -36,7 +36,8 @@ import eval as evaluation
 import fetch
 import llama
 
-METHODS = ("pretrained", "lora", "structured", "reptile", "abmll")
+METHODS = ("pretrained", "pretrained-adapted", "lora", "structured", "reptile", "abmll")
+UNTRAINED = ("pretrained", "pretrained-adapted")  # the second: a fresh LoRA (B = 0), adapted at test time only
 RUN_ONLY = ("resume", "compare", "seeds", "device", "out")  # flags that may change when a run resumes
 # "paper" is Section 5.1.1's setting (for a GPU). "quick" fits a 2-core CPU in minutes: it takes ~1/1000
 # of the paper's steps, and at the paper's learning rates the adapters barely move in so few (measured on
@@ -49,10 +50,14 @@ _TEXT = dict(targets="wq,wv,wo", noise="weight", kl="closed", weight_decay=abmll
 _AUTHORS = dict(_TEXT, targets="wq,wv,wo,w1,w2,w3", noise="activation", kl="mc", weight_decay=0.0,
                 inner_opt="persistent", reptile_anneal="linear", prior_weight="beta/M", prompt="official",
                 eval_noise="mean")
-_PAPER = dict(epochs=500, tasks_per_epoch=None, max_query=None, max_examples=None, **_PAPER_LR)
-PRESETS = {"quick": dict(epochs=2, tasks_per_epoch=20, max_query=16, max_examples=200,
+_PAPER = dict(epochs=500, tasks_per_epoch=None, max_query=None, max_val=None, max_examples=None, **_PAPER_LR)
+PRESETS = {"quick": dict(epochs=2, tasks_per_epoch=20, max_query=16, max_val=None, max_examples=200,
                          **{k: 10 * v for k, v in _PAPER_LR.items()}, **_TEXT),
            "paper": dict(_PAPER, **_TEXT),
+           # quick's training with an evaluation that can tell methods apart: >= 1,000 test and >= 300 validation
+           # examples per split and seed where the split has them (nli 1,030 / 318, cls 1,054 / 346)
+           "compare": dict(epochs=2, tasks_per_epoch=20, max_query=250, max_val=60, max_examples=200,
+                           **{k: 10 * v for k, v in _PAPER_LR.items()}, **_TEXT),
            "official": dict(_PAPER, **_AUTHORS)}
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # Meta's names of the linear layers an adapter can wrap
 
@@ -66,38 +71,120 @@ class RunError(RuntimeError):
 
 
 @torch.no_grad()
-def score(model, examples, tok, args):
-    """Letter probabilities (N, 4) of examples, in batches, with the S-sample predictive."""
-    probs = []
+def score(model, examples, tok, args) -> list[dict]:
+    """Prediction rows (eval.py's format) of one task's examples, with the S-sample predictive: the letter
+    probabilities over the example's options (accuracy, ECE, NLL, Brier), the softmax over all four letters
+    A-D (the authors' per-example "ECE") and the argmax over the whole vocabulary (the authors' accuracy)."""
+    mean = args.method == "abmll" and args.eval_noise == "mean"  # the authors score the posterior mean
+    samples = args.eval_samples if args.method == "abmll" and not mean else 1  # else deterministic
+    four, rows = torch.tensor(data.letter_tokens(tok), device=args.device), []
+    # batches of similar length waste less on padding; rows keep each example's index in the task
+    order = sorted(range(len(examples)), key=lambda n: len(examples[n].input) + sum(map(len, examples[n].options)))
     for i in range(0, len(examples), args.eval_batch):
-        batch = data.collate(examples[i:i + args.eval_batch], tok, args.max_len, args.prompt)
-        batch = {k: v.to(args.device) for k, v in batch.items()}
-        mean = args.method == "abmll" and args.eval_noise == "mean"  # the authors score the posterior mean
+        idx = order[i:i + args.eval_batch]
+        chunk = [examples[n] for n in idx]
+        batch = to_device(data.collate(chunk, tok, args.max_len, args.prompt), args)
+        ids, probs, probs4, vocab = batch["letter_ids"], 0.0, 0.0, 0.0
         with autocast(args), abmll.bayes_mode(model, "mean") if mean else nullcontext():
-            samples = args.eval_samples if args.method == "abmll" and not mean else 1  # else deterministic
-            probs.append(abmll.predictive_probs(model, batch, batch["letter_ids"], samples).cpu())
-    return torch.cat(probs) if probs else torch.zeros(0, 4)
+            for _ in range(samples):
+                logits = model(batch["tokens"], logits_at=batch["answer_pos"][:, None])[:, 0].float()  # (B, V)
+                own = logits.gather(1, ids.clamp(min=0)).masked_fill(ids < 0, float("-inf"))  # (B, 4)
+                probs = probs + own.softmax(-1) / samples
+                probs4 = probs4 + logits[:, four].softmax(-1) / samples
+                vocab = vocab + logits.softmax(-1) if samples > 1 else logits
+        probs, probs4, top = probs.double().cpu(), probs4.double().cpu(), vocab.argmax(-1).cpu()
+        for j, e in enumerate(chunk):
+            n = len(e.options)
+            rows.append({"task": e.task, "id": idx[j], "label": e.label, "n_options": n, "probs": probs[j, :n].tolist(),
+                         "probs4": probs4[j].tolist(), "answer_id": int(batch["answer_ids"][j]),
+                         "vocab_argmax": int(top[j])})
+    return sorted(rows, key=lambda r: r["id"])
 
 
-def evaluate(model, tasks, part, tok, args, cfg, levels=(0,)):
-    """Pooled accuracy / ECE / NLL over held-out tasks' `part` examples, after test-time adaptation
-    on each task's support batches (not for Pretrained), at each pruning level."""
-    probs, labels = {p: [] for p in levels}, []
+def support_batches(held, tok, args):
+    """A held-out task's K support batches of 2, on the device."""
+    return [to_device(data.collate(held.support[i:i + 2], tok, args.max_len, args.prompt), args)
+            for i in range(0, len(held.support), 2)]
+
+
+def evaluate(model, tasks, part, tok, args, cfg, prunes=(("none", 0),), diag=None) -> dict:
+    """Prediction rows of the held-out tasks' `part` examples after test-time adaptation on each task's
+    support batches (none for Pretrained), per (pruning mode, percent). `diag`, a dict, gets ABMLL's
+    diagnostics on the first task."""
+    rows = {key: [] for key in prunes}
+    for n, (task, held) in enumerate(tasks.items()):
+        support, examples = support_batches(held, tok, args), getattr(held, part)
+        adapts = args.method not in ("pretrained",)
+        if diag is not None and n == 0:
+            with torch.random.fork_rng(devices=[]):  # diagnostics draw noise; the run's RNG stream stays as it was
+                diag |= diagnostics(model, support, held.val, tok, args, "theta")
+        with autocast(args), abmll.adapted(model, support, cfg) if adapts else nullcontext():
+            if diag is not None and n == 0:
+                with torch.random.fork_rng(devices=[]):
+                    diag |= diagnostics(model, support, [], tok, args, "phi")
+            for mode, p in prunes:
+                with evaluation.pruned(model, p, mode if p else "activation", calib=support):
+                    rows[(mode, p)] += score(model, examples, tok, args)
+    return rows
+
+
+def adapt_curve(model, tasks, tok, args, cfg) -> dict:
+    """Prediction rows of the test examples after k test-time steps, for each k of --adapt-curve: k batches
+    of the support set, cycled, from one fresh AdamW; the same k for every method."""
+    ks, rows = sorted(set(args.adapt_curve)), {}
     for task, held in tasks.items():
-        support = [to_device(data.collate(held.support[i:i + 2], tok, args.max_len, args.prompt), args)
-                   for i in range(0, len(held.support), 2)]
-        examples = getattr(held, part)
-        with autocast(args), abmll.adapted(model, support, cfg) if args.method != "pretrained" else nullcontext():
-            for p in levels:
-                with evaluation.pruned(model, p, args.prune_mode):
-                    probs[p].append(score(model, examples, tok, args))
-        labels += [e.label for e in examples]
-    labels = torch.tensor(labels)
-    out = {}
-    for p in levels:
-        pr = torch.cat(probs[p])
-        out[p] = dict(acc=evaluation.accuracy(pr, labels), ece=evaluation.expected_calibration_error(pr, labels),
-                      nll=evaluation.nll(pr, labels), n=len(labels))
+        support = support_batches(held, tok, args)
+        opt, done = abmll.inner_optimizer(model, cfg), 0
+        with abmll.restored(model):
+            for k in ks:
+                with autocast(args):
+                    abmll.adapt(model, [support[j % len(support)] for j in range(done, k)], cfg, opt)
+                done = k
+                rows.setdefault(k, []).extend(score(model, held.test, tok, args))
+    return rows
+
+
+@torch.no_grad()
+def diagnostics(model, support, val, tok, args, group) -> dict:
+    """ABMLL's posterior, per adapted module kind: the log-variance of `group` (5th, 50th, 95th percentile;
+    over weight entries, or over output elements of the first support batch with activation noise); for
+    theta also the noise's size against each layer's output (RMS of sample - mean over RMS of the mean) and
+    the share of output elements it changes in the run's dtype, and the mean |difference| of the validation
+    letter probabilities between the --eval-samples predictive and the posterior mean."""
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, abmll.BayesLoRALinear)}
+    if not layers:
+        return {}
+    lv, noise, changed = {}, {}, {}
+
+    def hook(name):
+        def fn(m, inputs, y):
+            x, kind = inputs[0], name.rpartition(".")[2]
+            v = m.logvar(group, x).flatten()
+            lv.setdefault(kind, []).append(v[:: max(1, v.numel() // 100_000)].float())  # a strided sample
+            if group == "theta":
+                y_mean = m.mean_forward(x).to(y.dtype)
+                d = (y - y_mean).float()
+                noise.setdefault(kind, []).append(d.square().mean().sqrt() / y_mean.float().square().mean().sqrt())
+                changed.setdefault(kind, []).append((d != 0).float().mean())
+        return fn
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in layers.items()]
+    try:
+        with autocast(args), abmll.bayes_mode(model, "sample"):
+            model(support[0]["tokens"], logits_at=support[0]["answer_pos"][:, None])
+    finally:
+        for h in handles:
+            h.remove()
+    q = torch.tensor([0.05, 0.5, 0.95])
+    out = {f"{group}_logvar": {k: torch.quantile(torch.cat(v), q).tolist() for k, v in lv.items()}}
+    if group == "theta":
+        out["noise_ratio"] = {k: torch.stack(v).mean().item() for k, v in noise.items()}
+        out["noise_changed"] = {k: torch.stack(v).mean().item() for k, v in changed.items()}
+        if val:
+            rows = [score(model, val[:32], tok, argparse.Namespace(**{**vars(args), "eval_noise": noise}))
+                    for noise in ("sample", "mean")]
+            diffs = [abs(a - b) for r, q in zip(*rows) for a, b in zip(r["probs"], q["probs"])]
+            out["sample_vs_mean"] = sum(diffs) / len(diffs)
     return out
 
 
@@ -330,6 +417,38 @@ def build(args, cfg):
     return model, tok, opt
 
 
+def test_and_record(model, split, tok, args, cfg, rundir) -> dict:
+    """The test examples scored unpruned, at every pruning level and mode, and along the adaptation curve;
+    every set of prediction rows written to {rundir}/predictions/, and final.json's metrics computed from
+    those same rows (`eval.py compare` recomputes any of them)."""
+    modes = [m for m in args.prune_mode if not (m == "adapted" and args.method == "pretrained")]  # no adapters
+    levels = [p for p in (args.prune or []) if p != 0]
+    t0 = time.time()
+    try:
+        test = evaluate(model, split.test, "test", tok, args, cfg, [("none", 0)] + [(m, p) for m in modes for p in levels])
+        curve = adapt_curve(model, split.test, tok, args, cfg) if args.adapt_curve and args.method != "pretrained" else {}
+    except (FloatingPointError, ValueError) as e:
+        raise RunError(f"test: {e}; the checkpoint is in {rundir}") from None
+    pred = rundir / "predictions"
+    for (mode, p), rows in test.items():
+        evaluation.write_predictions(pred / (f"test-{mode}-{p:g}.jsonl.gz" if p else "test-0.jsonl.gz"), rows)
+    for k, rows in curve.items():
+        evaluation.write_predictions(pred / f"adapt{k}-0.jsonl.gz", rows)
+    m = evaluation.metrics(test[("none", 0)])
+    final = dict(method=args.method, split=args.split, seed=args.seed, **{f"test_{k}": v for k, v in m.items() if k != "n"},
+                 n_test=m["n"], test_chance=chance(split.test.values()), test_time_s=time.time() - t0)
+    if args.prune:
+        by = {mode: {key: {"0": m[key]} | {f"{p:g}": evaluation.metrics(test[(mode, p)])[key] for p in levels}
+                     for key in ("acc", "ece", "paper_ece")} for mode in modes}
+        final["pruning_modes"] = by
+        final["pruning"] = {"mode": modes[0], "acc": by[modes[0]]["acc"], "ece": by[modes[0]]["ece"]} if modes else None
+    if curve:
+        points = {k: evaluation.metrics(rows) for k, rows in sorted(curve.items())}
+        final["adapt_curve"] = {"k": list(points)} | {key: [pt[key] for pt in points.values()]
+                                                      for key in ("acc", "ece", "paper_ece")}
+    return final
+
+
 def run(args) -> dict:
     """Train (unless Pretrained), validate every epoch, test the best epoch; returns final.json's content."""
     cfg = abmll.Config(inner_steps=args.inner_steps, lr=args.lr, inner_lr=args.inner_lr, outer_lr=args.outer_lr,
@@ -342,12 +461,12 @@ def run(args) -> dict:
     model, tok, opt = build(args, cfg)
     try:
         split = data.load_split(args.split, args.data_dir, tok, args.max_len, args.seed, k_shot=args.inner_steps,
-                                max_examples=args.max_examples, max_query=args.max_query)
+                                max_examples=args.max_examples, max_query=args.max_query, max_val=args.max_val)
     except (data.DataError, fetch.FetchError) as e:
         raise RunError(f"--split {args.split}: {e}") from None
     if args.prior_weight == "beta/M":  # the authors weight -log p(theta) by beta / (number of training tasks)
         cfg.prior_scale = 1 / len(split.train)
-    epochs = 1 if args.method == "pretrained" else args.epochs
+    epochs = 1 if args.method in UNTRAINED else args.epochs
     rundir.mkdir(parents=True, exist_ok=True)
     data.save_report(split, rundir / "data_report.json")  # what was kept and dropped per task: stderr, file
     config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
@@ -375,26 +494,32 @@ def run(args) -> dict:
         t0 = time.time()
         progress.epoch = epoch
         try:
-            loss = None if args.method == "pretrained" else train_epoch(
+            loss = None if args.method in UNTRAINED else train_epoch(
                 model, opt, split, epoch, tok, args, cfg, progress)
         except FloatingPointError as e:
             progress.end_line()
             raise RunError(f"epoch {epoch + 1}: {e}; " + (f"the last good checkpoint (epoch {state['epoch']}) is in "
                            f"{rundir}" if state["epoch"] else "no epoch had finished, so there is no checkpoint"))
         progress.end_line()
+        t1, diag = time.time(), {} if args.method == "abmll" else None
         try:
-            val = evaluate(model, split.test, "val", tok, args, cfg)[0]
+            val_rows = evaluate(model, split.test, "val", tok, args, cfg, diag=diag)[("none", 0)]
         except (FloatingPointError, ValueError) as e:
-            raise RunError(f"epoch {epoch + 1}, validation: {e}; the last good checkpoint (epoch {state['epoch']}) "
-                           f"is in {rundir}") from None
-        line = dict(epoch=epoch + 1, train_loss=loss, val_acc=val["acc"], val_ece=val["ece"], val_nll=val["nll"],
-                    time_s=time.time() - t0)
-        print(f"epoch {epoch + 1}: train loss {'-' if loss is None else f'{loss:.4f}'} | val acc {val['acc']:.3f} ece {val['ece']:.3f} "
-              f"nll {val['nll']:.3f} | {line['time_s']:.0f}s", file=sys.stderr)
+            raise RunError(f"epoch {epoch + 1}, validation: {e}; " + (
+                f"the last good checkpoint (epoch {state['epoch']}) is in {rundir}" if state["epoch"]
+                else "no epoch had finished, so there is no checkpoint")) from None
+        val = evaluation.metrics(val_rows)
+        line = dict(epoch=epoch + 1, train_loss=loss, **{f"val_{k}": v for k, v in val.items() if k != "n"},
+                    val_time_s=time.time() - t1, time_s=time.time() - t0)
+        if diag:
+            line["diag"] = diag
+        print(f"epoch {epoch + 1}: train loss {'-' if loss is None else f'{loss:.4f}'} | val acc {val['acc']:.3f} "
+              f"ece {val['ece']:.3f} nll {val['nll']:.3f} | {line['time_s']:.0f}s", file=sys.stderr)
         state["history"].append(line)
         if val["acc"] > state["best_acc"]:
             state["best_acc"], state["best_epoch"] = val["acc"], epoch + 1
             state["best_adapters"] = {k: v.detach().cpu().clone() for k, v in abmll.adapter_params(model).items()}
+            evaluation.write_predictions(rundir / "predictions" / "val-0.jsonl.gz", val_rows)  # the best epoch's
         state["epoch"] = epoch + 1
         # metrics first: it is rebuilt from the whole history, and state.json is the commit point
         write_atomic(rundir / "metrics.jsonl",
@@ -404,18 +529,10 @@ def run(args) -> dict:
     with torch.no_grad():  # the best validation epoch's adapters are the ones tested
         for k, p in abmll.adapter_params(model).items():
             p.copy_(state["best_adapters"][k])
-    levels = tuple(args.prune) if args.prune else (0,)
-    try:
-        test = evaluate(model, split.test, "test", tok, args, cfg, levels=(0, *[p for p in levels if p != 0]))
-    except (FloatingPointError, ValueError) as e:
-        raise RunError(f"test: {e}; the checkpoint is in {rundir}") from None
-    final = dict(method=args.method, split=args.split, seed=args.seed, best_epoch=state["best_epoch"],
-                 test_acc=test[0]["acc"], test_ece=test[0]["ece"], test_nll=test[0]["nll"], n_test=test[0]["n"],
-                 test_chance=chance(split.test.values()), wall_s=sum(h["time_s"] for h in state["history"]))
-    if args.prune:
-        final["pruning"] = {"mode": args.prune_mode, "acc": {str(p): test[p]["acc"] for p in sorted(test)},
-                            "ece": {str(p): test[p]["ece"] for p in sorted(test)}}
-    abmll.save_adapters(model, rundir / "adapters.safetensors") if args.method != "pretrained" else None
+    final = test_and_record(model, split, tok, args, cfg, rundir)
+    final |= dict(best_epoch=state["best_epoch"], wall_s=sum(h["time_s"] for h in state["history"]))
+    abmll.save_adapters(model, rundir / "adapters.safetensors") if args.method not in UNTRAINED else None
+    final = {k: final[k] for k in ("method", "split", "seed", "best_epoch")} | final  # the old key order
     write_atomic(rundir / "final.json", lambda p: p.write_text(json.dumps(final, indent=1)))
     print(f"{args.method} on {args.split} (seed {args.seed}): test accuracy {final['test_acc']:.3f}, "
           f"ECE {final['test_ece']:.3f}, NLL {final['test_nll']:.3f} over {final['n_test']} examples "
@@ -431,17 +548,20 @@ def parse_args(argv=None):
     d = abmll.Config()
     p = argparse.ArgumentParser(description="Train and evaluate ABMLL and its baselines (Section 5).")
     p.add_argument("--method", default="abmll", help=f"one of {', '.join(METHODS)}")
-    p.add_argument("--split", default="nli", help="offline: cls, nli, para, mcqa; MetaICL: cls-45, cls-23, nli, para, mcqa")
+    p.add_argument("--split", default="nli", help="offline: cls, nli, para, mcqa, diag; MetaICL: cls-45, cls-23, nli, para, mcqa")
     p.add_argument("--model", default="smollm2-135m", help="built-in name or a Meta / HF directory or .gguf file")
     p.add_argument("--data-dir", default=None, help="MetaICL-layout data (default: the offline benchmark)")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling, adapters and episodes")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="quick (CPU, minutes), paper (the "
-                   "paper's text) or official (the authors' code); explicit flags override it")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="quick", help="quick (CPU, minutes), compare "
+                   "(quick with >= 1,000 test examples), paper (the paper's text) or official (the authors' code); "
+                   "explicit flags override it")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default: the preset's)")
     p.add_argument("--tasks-per-epoch", type=int, default=None, help="training tasks per epoch, a fresh seeded "
                    "sample each epoch (default: the preset's; paper: all)")
     p.add_argument("--max-examples", type=int, default=None, help="examples kept per training task")
     p.add_argument("--max-query", type=int, default=None, help="validation / test examples per held-out task")
+    p.add_argument("--max-val", type=int, default=None, help="validation examples per held-out task "
+                   "(default: --max-query)")
     p.add_argument("--max-len", type=int, default=256, help="tokens per example (long questions lose their start)")
     p.add_argument("--inner-steps", type=int, default=d.inner_steps, help="K: steps per task and at test time")
     p.add_argument("--lr", type=float, default=None, help=f"Regular LoRA's learning rate (paper: {d.lr:g}; "
@@ -479,7 +599,11 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch", type=int, default=8, help="examples per scoring batch")
     p.add_argument("--prune", type=int, nargs="*", default=None, help="pruning study at these percents "
                    "(bare --prune: 0 1 10 20 30)")
-    p.add_argument("--prune-mode", choices=["activation", "weight"], default="activation", help="what is pruned")
+    p.add_argument("--prune-mode", nargs="+", choices=evaluation.PRUNE_MODES, default=["activation"],
+                   help="what --prune prunes, one or more of: activation (decoder-layer outputs), weight, adapted "
+                   "(every adapted layer's outputs, the authors'), channel (whole hidden channels)")
+    p.add_argument("--adapt-curve", type=int, nargs="+", default=None, metavar="K", help="also score the test "
+                   "examples after K test-time steps for each K (e.g. 0 1 2 5 10), the same K for every method")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--out", default="runs", help="root of the run directories")
@@ -502,11 +626,13 @@ def parse_args(argv=None):
                 else "--targets: name at least one module")
     if args.kl == "mc" and args.noise == "weight":
         p.error("--kl mc: the one-sample KL is the authors' estimate on the layer outputs; it needs --noise activation")
-    for flag in ("epochs", "tasks_per_epoch", "max_examples", "max_query", "inner_steps", "rank", "eval_samples",
+    for flag in ("epochs", "tasks_per_epoch", "max_examples", "max_query", "max_val", "inner_steps", "rank", "eval_samples",
                  "eval_batch", "max_len"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
+    if args.adapt_curve is not None and min(args.adapt_curve) < 0:
+        p.error(f"--adapt-curve: steps must be >= 0, got {args.adapt_curve}")
     if args.prune is not None and not args.prune:
         args.prune = list(evaluation.PRUNE_LEVELS)
     if args.prune is not None:
@@ -561,7 +687,7 @@ def main(argv=None):
                 run(argparse.Namespace(**{**vars(args), "method": method, "seed": seed, "resume": True}))
         print(f"comparison on {args.split} finished in {(time.time() - t0) / 60:.1f} min; "
               f"tables: python eval.py report {args.out}")
-    except (RunError, OSError, data.DataError) as e:
+    except (RunError, OSError, SafetensorError, data.DataError) as e:  # a full disk at the last write too
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: continue with --resume (the last finished epoch is checkpointed)")

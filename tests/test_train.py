@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import data
+import eval as evaluation
 import llama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,31 +70,77 @@ def run(args, **kw):
 def results(out, method="abmll"):
     d = Path(out) / "nli" / method / "seed0"
     final = json.loads((d / "final.json").read_text())
-    final.pop("wall_s")
+    final.pop("wall_s"), final.pop("test_time_s")
     hist = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-    return final, [{k: v for k, v in h.items() if k != "time_s"} for h in hist]
+    return final, [{k: v for k, v in h.items() if k not in ("time_s", "val_time_s")} for h in hist]
 
 
-@pytest.mark.parametrize("method", ["pretrained", "lora", "structured", "reptile", "abmll"])
+@pytest.mark.parametrize("method", ["pretrained", "pretrained-adapted", "lora", "structured", "reptile", "abmll"])
 def test_every_method_runs_and_writes_the_run_layout(tiny, tmp_path, method):
     r = run(cmd(tiny, tmp_path, "--epochs", "2", "--prune", method=method))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "test accuracy" in r.stdout
     final, hist = results(tmp_path, method)
-    assert len(hist) == (1 if method == "pretrained" else 2)
+    assert len(hist) == (1 if method.startswith("pretrained") else 2)
     assert final["n_test"] == 7 * 4 and 0 <= final["test_acc"] <= 1 and 0 <= final["test_ece"] <= 1
     assert final["test_chance"] == 0.5  # every tiny test example has two options
     assert set(final["pruning"]["acc"]) == {"0", "1", "10", "20", "30"}
     assert final["pruning"]["acc"]["0"] == final["test_acc"]
+    d = tmp_path / "nli" / method / "seed0"
+    rows = evaluation.read_predictions(d / "predictions" / "test-0.jsonl.gz")  # the file reproduces final.json
+    assert {f"test_{k}": v for k, v in evaluation.metrics(rows).items() if k != "n"} == \
+        {k: v for k, v in final.items() if k.startswith("test_") and k not in ("test_chance", "test_time_s")}
+    assert len(rows) == final["n_test"] and (d / "predictions" / "val-0.jsonl.gz").exists()
 
 
-@pytest.mark.parametrize("method", ["abmll", "structured"])  # ABMLL's noise RNG; a persistent optimizer
-def test_sigkill_mid_run_then_resume_ends_like_an_uninterrupted_run(tiny, tmp_path, method):
+def test_pruning_modes_adaptation_curve_and_diagnostics(tiny, tmp_path):
+    r = run(cmd(tiny, tmp_path, "--epochs", "1", "--prune", "0", "20", "--prune-mode", *evaluation.PRUNE_MODES,
+                "--adapt-curve", "0", "1", "3", "--eval-samples", "2"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    final, hist = results(tmp_path)
+    d = tmp_path / "nli" / "abmll" / "seed0" / "predictions"
+    for mode in evaluation.PRUNE_MODES:
+        by = final["pruning_modes"][mode]
+        assert by["acc"]["0"] == final["test_acc"]
+        rows = evaluation.read_predictions(d / f"test-{mode}-20.jsonl.gz")
+        assert evaluation.metrics(rows)["acc"] == by["acc"]["20"] and len(rows) == final["n_test"]
+    curve = final["adapt_curve"]
+    assert curve["k"] == [0, 1, 3] and all(0 <= a <= 1 for a in curve["acc"])
+    assert evaluation.metrics(evaluation.read_predictions(d / "adapt3-0.jsonl.gz"))["acc"] == curve["acc"][2]
+    diag = hist[0]["diag"]
+    assert set(diag["theta_logvar"]) == {"wq", "wv", "wo"} == set(diag["phi_logvar"]) == set(diag["noise_ratio"])
+    lo, med, hi = diag["theta_logvar"]["wq"]
+    assert lo <= med <= hi and med == pytest.approx(-20, abs=1)  # B starts at 0: log sigma^2 = log_c
+    assert 0 < diag["noise_ratio"]["wq"] < 1e-2 and 0 <= diag["sample_vs_mean"] < 0.1
+
+
+def test_pretrained_adapted_is_untrained_but_adapts(tiny, tmp_path):
+    """A fresh LoRA (B = 0) adapted at test time only: its curve at k = 0 is Pretrained's zero-shot score."""
+    for method in ("pretrained", "pretrained-adapted"):
+        r = run(cmd(tiny, tmp_path, "--adapt-curve", "0", "2", method=method))
+        assert r.returncode == 0, r.stderr[-2000:]
+    zero, _ = results(tmp_path, "pretrained")
+    adapted, hist = results(tmp_path, "pretrained-adapted")
+    assert len(hist) == 1 and "adapt_curve" not in zero
+    assert adapted["adapt_curve"]["acc"][0] == zero["test_acc"]
+    assert not (tmp_path / "nli" / "pretrained-adapted" / "seed0" / "adapters.safetensors").exists()
+
+
+OFFICIAL = ("--preset", "official", "--epochs", "3", "--tasks-per-epoch", "2", "--max-query", "4")
+
+
+@pytest.mark.parametrize("method,extra", [("abmll", ()), ("structured", ()), ("abmll", OFFICIAL)])
+def test_sigkill_mid_run_then_resume_ends_like_an_uninterrupted_run(tiny, tmp_path, method, extra):
+    """ABMLL's noise RNG; a persistent optimizer; the authors' protocol (activation noise, MC KL, one inner
+    AdamW carried across tasks in the checkpoint)."""
+    def mk(tiny, out, *more, method):
+        return cmd(tiny, out, *extra, *more, method=method)
+
     a, b = tmp_path / "a", tmp_path / "b"
-    r = run(cmd(tiny, a, method=method))
+    r = run(mk(tiny, a, method=method))
     assert r.returncode == 0, r.stderr[-2000:]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen(cmd(tiny, b, method=method), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    p = subprocess.Popen(mk(tiny, b, method=method), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     state = b / "nli" / method / "seed0" / "state.json"
     deadline = time.time() + 240
     while not state.exists() and time.time() < deadline and p.poll() is None:
@@ -102,11 +149,11 @@ def test_sigkill_mid_run_then_resume_ends_like_an_uninterrupted_run(tiny, tmp_pa
     p.wait()
     assert json.loads(state.read_text())["epoch"] < 3
     assert not (b / "nli" / method / "seed0" / "final.json").exists()
-    again = run(cmd(tiny, b, method=method))
+    again = run(mk(tiny, b, method=method))
     assert again.returncode != 0 and "--resume" in again.stderr  # never silently overwritten
-    changed = run(cmd(tiny, b, "--resume", "--lr", "1e-3", method=method))
+    changed = run(mk(tiny, b, "--resume", "--lr", "1e-3", method=method))
     assert changed.returncode != 0 and "--lr" in changed.stderr.strip().splitlines()[-1]  # flags must match
-    r = run(cmd(tiny, b, "--resume", method=method))
+    r = run(mk(tiny, b, "--resume", method=method))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming" in r.stderr
     assert results(a, method) == results(b, method)
@@ -120,6 +167,12 @@ def test_sigkill_mid_run_then_resume_ends_like_an_uninterrupted_run(tiny, tmp_pa
     (["--tasks-per-epoch", "0"], "--tasks-per-epoch"),
     (["--prune", "150"], "--prune"),
     (["--eval-samples", "0"], "--eval-samples"),
+    (["--prune-mode", "neurons"], "--prune-mode"),
+    (["--adapt-curve", "-1"], "--adapt-curve"),
+    (["--targets", "wq,wx"], "--targets"),
+    (["--noise", "space"], "--noise"),
+    (["--kl", "exact"], "--kl"),
+    (["--kl", "mc", "--noise", "weight"], "--kl mc"),
 ])
 def test_bad_flags_end_in_one_line(tiny, tmp_path, extra, needle):
     r = run(cmd(tiny, tmp_path, *extra))
@@ -149,6 +202,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path):
         from safetensors.torch import load_file
 
         assert all(torch.isfinite(v).all() for k, v in load_file(str(d / state["file"])).items() if k.startswith("adapter."))
+
+
+def test_official_preset_records_the_authors_settings(tiny, tmp_path):
+    r = run(cmd(tiny, tmp_path, *OFFICIAL[:2], "--epochs", "1", "--tasks-per-epoch", "2", "--max-query", "4"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = json.loads((tmp_path / "nli" / "abmll" / "seed0" / "config.json").read_text())
+    assert config["noise"] == "activation" and config["kl"] == "mc" and config["weight_decay"] == 0
+    assert config["targets"] == ["wq", "wv", "wo", "w1", "w2", "w3"] and config["inner_opt"] == "persistent"
+    assert (config["prompt"], config["eval_noise"], config["prior_weight"]) == ("official", "mean", "beta/M")
+    assert (config["lr"], config["inner_lr"], config["outer_lr"], config["epochs"]) == (5e-5, 1e-5, 5e-5, 1)
 
 
 def test_presets_set_learning_rates_unless_given():
