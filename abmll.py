@@ -33,6 +33,15 @@ NOISE = ("weight", "activation")  # where BayesLoRALinear draws its sample: the 
 KL = ("closed", "mc")  # KL(q(phi|D) || p(phi|theta)): closed form, or the authors' one-sample estimate
 
 
+def _check_options(noise: str, kl: str):
+    if noise not in NOISE:
+        raise ValueError(f"noise must be one of {', '.join(NOISE)}, not {noise!r}")
+    if kl not in KL:
+        raise ValueError(f"kl must be one of {', '.join(KL)}, not {kl!r}")
+    if kl == "mc" and noise == "weight":
+        raise ValueError("kl='mc' is the authors' one-sample KL on the layer outputs: it needs noise='activation'")
+
+
 @dataclass
 class Config:
     """Update-rule hyperparameters, with the paper's names and defaults (Section 5.1.1, DESIGN.md)."""
@@ -161,26 +170,6 @@ class _SampledLinear(torch.autograd.Function):
 # the authors' reading: noise on the layer's output, one log-variance per output element and token
 
 
-class _Recomputed(torch.autograd.Function):
-    """fn(*inputs), keeping only the inputs for backward, which runs fn again under autograd (activation
-    checkpointing of one term): a noise or KL term then costs no output-sized memory between the passes.
-    fn must be deterministic; its noise comes from a generator seeded by an argument bound into fn."""
-
-    @staticmethod
-    def forward(ctx, fn, *inputs):
-        ctx.fn = fn
-        ctx.save_for_backward(*inputs)
-        return fn(*inputs)
-
-    @staticmethod
-    def backward(ctx, g):
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[1:])]
-        with torch.enable_grad():
-            out = ctx.fn(*inputs)
-        grads = iter(torch.autograd.grad(out, [t for t in inputs if t.requires_grad], g))
-        return None, *(next(grads) if t.requires_grad else None for t in inputs)
-
-
 def _act_dtype(x, factor):
     return torch.promote_types(torch.promote_types(x.dtype, factor.dtype), torch.float32)  # fp32, fp64 for fp64
 
@@ -190,40 +179,132 @@ def _act_eps(shape, seed, dtype, device):
     return torch.randn(shape, generator=torch.Generator(device).manual_seed(seed), dtype=dtype, device=device)
 
 
-def _act_noise(x, b_lv, a_lv, s, log_c, seed):
-    """e^(l/2) eps with l = s B_logvar A_logvar x + log_c (..., d_out), in fp32 under autocast too."""
-    with torch.autocast(x.device.type, enabled=False):
-        lv = _lowrank(x.to(_act_dtype(x, b_lv)), a_lv, b_lv, s) + log_c
-        return lv.mul_(0.5).exp_() * _act_eps(lv.shape, seed, lv.dtype, lv.device)
+def _act_noise(u_lv, b_lv, s, log_c, seed):
+    """e^(l/2) eps (N, d_out), l = s B_logvar u + log_c for u = A_logvar x (N, r), in one buffer."""
+    sigma = torch.mm(u_lv, (0.5 * s * b_lv.to(u_lv.dtype)).T).add_(0.5 * log_c).exp_()
+    return sigma.mul_(_act_eps(sigma.shape, seed, sigma.dtype, sigma.device))
 
 
-def _act_outputs(x, factors, s, log_c):
-    """[s B A x (+ log_c for the log-variances)] for (B_mean, A_mean, B_logvar, A_logvar, ...) pairs; one
-    matmul makes every A x at once (..., n_pairs * r), then one per B."""
-    dt, r = _act_dtype(x, factors[0]), factors[1].shape[0]
-    u = F.linear(x.to(dt), torch.cat(factors[1::2]).to(dt)).split(r, -1)  # n_pairs x (..., r)
-    return [F.linear(u_n, (B * s).to(dt)) + (log_c if n % 2 else 0.0) for n, (u_n, B) in enumerate(zip(u, factors[::2]))]
+class _ActSample(torch.autograd.Function):
+    """y = x W0^T + m + e^(l/2) eps, m = s B_mean A_mean x, l = s B_logvar A_logvar x + log_c, eps ~ N(0, 1)
+    of y's shape: the authors' sampled layer.
+
+    Keeps x, W0, the factors and u = [A_mean; A_logvar] x (N, 2r); backward regenerates e^(l/2) eps from
+    the seed rather than keep anything output-sized:
+        dL/dm = g,   dL/dl = ½ g e^(l/2) eps,   dL/dB_M = s (dL/dM)^T u_M,   dL/du_M = s (dL/dM) B_M,
+        dL/dA = (dL/du)^T x,   dL/dx = g W0 + (dL/du) [A_mean; A_logvar]   for M = m and M = l.
+    Each pass adds its terms into one output-sized buffer, the product with W0 last (a GEMM's C): on a CPU
+    a fresh buffer of that size costs as much as the arithmetic done in it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w0, b_mu, a_mu, b_lv, a_lv, s, log_c, seed):
+        dev, dt, r = x.device.type, _act_dtype(x, b_lv), a_mu.shape[0]
+        # x W0^T in autocast's dtype if on, as F.linear would run; the noise in fp32 (fp64) always
+        ctx.dt = y_dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        ctx.s, ctx.log_c, ctx.seed = s, log_c, seed
+        with torch.autocast(dev, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+            u = x2.to(dt) @ torch.cat([a_mu, a_lv]).to(dt).T  # (N, 2r)
+            y = _act_noise(u[:, r:], b_lv, s, log_c, seed).addmm_(u[:, :r], b_mu.to(dt).T, alpha=s)
+            if y_dt == dt == w0.dtype:
+                y.addmm_(x2, w0.T)  # (N, d_out)
+            else:  # bf16 weights or autocast: the sum in the GEMM's dtype, F.linear's output dtype
+                y = torch.addmm(y.to(y_dt), x2.to(y_dt), w0.to(y_dt).T)
+        ctx.save_for_backward(x, w0, b_mu, a_mu, b_lv, a_lv, u)
+        return y.view(*x.shape[:-1], -1)  # (..., d_out)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w0, b_mu, a_mu, b_lv, a_lv, u = ctx.saved_tensors
+        s, r, dt, need = ctx.s, a_mu.shape[0], u.dtype, ctx.needs_input_grad
+        with torch.autocast(g.device.type, enabled=False):  # dtypes are explicit, as in forward
+            g2 = g.reshape(-1, g.shape[-1])  # (N, d_out)
+            g_m = g2.to(dt)  # dL/dm
+            g_l2 = _act_noise(u[:, r:], b_lv, s, ctx.log_c, ctx.seed).mul_(g_m)  # 2 dL/dl
+            du = torch.cat([g_m @ (s * b_mu.to(dt)), g_l2 @ (0.5 * s * b_lv.to(dt))], 1)  # (N, 2r)
+            d_b_mu = (g_m.T @ u[:, :r]).mul_(s).to(b_mu.dtype) if need[2] else None  # (d_out, r)
+            d_b_lv = (g_l2.T @ u[:, r:]).mul_(0.5 * s).to(b_lv.dtype) if need[4] else None
+            x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+            d_a = (du.T @ x2.to(dt)).split(r) if need[3] or need[5] else (None, None)  # (r, d_in) each
+            dx = None
+            if need[0]:  # g W0 in forward's dtype, then the low-rank part added into the same buffer
+                dx = (g2.to(ctx.dt) @ w0.to(ctx.dt)).to(dt).addmm_(du, torch.cat([a_mu, a_lv]).to(dt))
+                dx = dx.to(x.dtype).view_as(x)
+        d_a_mu, d_a_lv = (None if d is None else d.to(a.dtype) for d, a in zip(d_a, (a_mu, a_lv)))
+        return dx, None, d_b_mu, d_a_mu, d_b_lv, d_a_lv, None, None, None
 
 
-def _act_kl(x, *factors, s, log_c, seed):
-    """KL(q(phi|D) || p(phi|theta)) summed over the output elements of one forward (fp64 scalar):
-    closed form gaussian_kl(m_phi, l_phi, m_theta, l_theta) when seed is None, else the authors' one sample
-        log N(y~; m_phi, e^l_phi) - log N(y~; m_theta, e^l_theta) = ½ [(y~ - m_theta)^2 e^-l_theta + l_theta - eps^2 - l_phi],
-    y~ = m_phi + e^(l_phi / 2) eps with the forward's eps (log 2 pi cancels)."""
-    with torch.autocast(x.device.type, enabled=False):
-        m_q, l_q, m_p, l_p = _act_outputs(x, factors, s, log_c)
-        if seed is None:
-            return gaussian_kl(m_q, l_q, m_p, l_p).sum(dtype=torch.float64)
-        eps = _act_eps(m_q.shape, seed, m_q.dtype, m_q.device)
-        y = m_q + (0.5 * l_q).exp() * eps
-        return (0.5 * ((y - m_p) ** 2 * (-l_p).exp() + l_p - eps**2 - l_q)).sum(dtype=torch.float64)
+def _act_kl_terms(d, dlv, neg_lv_p, need):
+    """`_kl_terms` on the outputs, dKL/d(-l_p) = ½ d^2 e^-l_p made in d's buffer rather than a new one."""
+    value, (d_w, d_dlv, _) = _kl_terms(d, dlv, neg_lv_p, (need[0], need[1], False))  # leaves d as it was
+    return value, (d_w, d_dlv, d.mul_(d_w).mul_(0.5) if need[2] else None)
 
 
-def _act_prior(x, *factors, s, log_c, a0, b0):
-    """-log p(theta) on theta's output activations: neg_log_prior(m_theta, l_theta) summed (fp64 scalar)."""
-    with torch.autocast(x.device.type, enabled=False):
-        m_p, l_p = _act_outputs(x, factors, s, log_c)
-        return neg_log_prior(m_p, l_p, a0, b0).sum(dtype=torch.float64)
+def _act_mc_terms(d, dlv, neg_lv_p, need, seed):
+    """The authors' one-sample KL, log N(y~; m_q, e^l_q) - log N(y~; m_p, e^l_p) summed over the output
+    elements at the forward's sample y~ = m_q + e^(l_q / 2) eps (log 2 pi cancels), and its derivatives:
+        KL = ½ [z^2 e^-l_p - dlv - eps^2],   z = y~ - m_p = d + e^(l_q / 2) eps,   l_q = dlv - (-l_p),
+        dKL/dd = w,   dKL/d(dlv) = ½ (w e^(l_q / 2) eps - 1),   dKL/d(-l_p) = ½ (z w - w e^(l_q / 2) eps),
+    w = z e^-l_p, d = m_q - m_p, dlv = l_q - l_p. The inputs are `_ActSum`'s transients: this works in place."""
+    eps = _act_eps(d.shape, seed, d.dtype, d.device)  # the forward's eps: same seed, shape and dtype
+    value = -0.5 * (torch.dot(eps.flatten(), eps.flatten()) + dlv.sum())
+    noise = dlv.sub_(neg_lv_p).mul_(0.5).exp_().mul_(eps)  # e^(l_q / 2) eps, in dlv's buffer
+    z = d.add_(noise)
+    w = neg_lv_p.exp_().mul_(z)  # z / sigma_p^2
+    value = value + 0.5 * torch.dot(w.flatten(), z.flatten())
+    w_noise = noise.mul_(w)
+    d_neg_lv_p = z.mul_(w).sub_(w_noise).mul_(0.5) if need[2] else None
+    return value, (w, w_noise.sub_(1).mul_(0.5), d_neg_lv_p)
+
+
+class _ActSum(torch.autograd.Function):
+    """sum_ij f(M_1, ..., M_k)_ij over the output elements of one forward, M_n = s B_n A_n x + c_n (N, d_out):
+    `_LowRankSum` on a layer's outputs, with the same `terms`.
+
+    Forward turns their elementwise dF/dM_n into dL/dB_n = s (dF/dM_n)^T u_n and dL/du_n = s (dF/dM_n) B_n,
+    u_n = A_n x (N, r_n); backward only multiplies: dL/dA_n = (dL/du_n)^T x, dL/dx = sum_n (dL/du_n) A_n.
+    So x (which the layer's own product keeps already) and rank-sized tensors are all it keeps: no
+    output-sized term is stored or recomputed. Sums in fp32 (fp64 factors: fp64), returned in fp64.
+    """
+
+    @staticmethod
+    def forward(ctx, terms, s, offsets, x, *factors):
+        with torch.autocast(x.device.type, enabled=False):  # the KL and prior stay fp32 under autocast
+            return _ActSum._forward(ctx, terms, s, offsets, x, *factors)
+
+    @staticmethod
+    def _forward(ctx, terms, s, offsets, x, *factors):
+        Bs, dt, need_in = factors[0::2], _act_dtype(x, factors[0]), ctx.needs_input_grad[4:]
+        need = [ctx.needs_input_grad[3] or need_in[2 * n] or need_in[2 * n + 1] for n in range(len(Bs))]
+        ranks = [A.shape[0] for A in factors[1::2]]
+        A = torch.cat(factors[1::2]).to(dt)  # (sum r_n, d_in)
+        us = (x.reshape(-1, x.shape[-1]).to(dt) @ A.T).split(ranks, 1)  # (N, r_n) each, one GEMM
+        Ms = [torch.mm(u, (s * B.to(dt)).T) for B, u in zip(Bs, us)]  # (N, d_out)
+        value, dMs = terms(*[M.add_(c) if c else M for M, c in zip(Ms, offsets)], need=need)
+        if any(need):
+            d_bs = [(dM.T @ u).mul_(s).to(B.dtype) if need_in[2 * n] else None
+                    for n, (dM, u, B) in enumerate(zip(dMs, us, Bs))]  # (d_out, r_n)
+            du = torch.cat([torch.mm(dM, B.to(dt)).mul_(s) if need[n] else torch.zeros_like(u)
+                            for n, (dM, u, B) in enumerate(zip(dMs, us, Bs))], 1)  # dF/du (N, sum r_n)
+            ctx.ranks, ctx.a_dtypes = ranks, [f.dtype for f in factors[1::2]]
+            ctx.save_for_backward(x, A, du, *[t for t in d_bs if t is not None])
+        return value.to(torch.float64)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, A, du, *d_bs = ctx.saved_tensors
+        need_x, need_in = ctx.needs_input_grad[3], ctx.needs_input_grad[4:]
+        with torch.autocast(g.device.type, enabled=False):
+            du = du * g.to(du.dtype)
+            x2 = x.reshape(-1, x.shape[-1]).to(du.dtype)  # (N, d_in)
+            d_as = (du.T @ x2).split(ctx.ranks) if any(need_in[1::2]) else None  # (r_n, d_in) each
+            dx = (du @ A).to(x.dtype).view_as(x) if need_x else None
+        d_bs, grads = iter(d_bs), []
+        for n, dt in enumerate(ctx.a_dtypes):
+            grads.append(next(d_bs) * g.to(dt) if need_in[2 * n] else None)
+            grads.append(d_as[n].to(dt) if need_in[2 * n + 1] else None)
+        return None, None, None, dx, *grads
 
 
 class BayesLoRALinear(nn.Module):
@@ -241,12 +322,7 @@ class BayesLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16, log_c: float = -20.0,
                  noise: str = "weight", kl: str = "closed"):
         super().__init__()
-        if noise not in NOISE:
-            raise ValueError(f"noise must be one of {', '.join(NOISE)}, not {noise!r}")
-        if kl not in KL:
-            raise ValueError(f"kl must be one of {', '.join(KL)}, not {kl!r}")
-        if kl == "mc" and noise == "weight":
-            raise ValueError("kl='mc' is the authors' one-sample KL on the layer outputs: it needs noise='activation'")
+        _check_options(noise, kl)
         self.weight, self.bias = base.weight, base.bias
         self.rank, self.alpha, self.scaling, self.log_c, self.mode = rank, alpha, alpha / rank, log_c, "sample"
         self.noise, self.kl_estimator = noise, kl
@@ -270,7 +346,7 @@ class BayesLoRALinear(nn.Module):
 
     def forward(self, x):
         if self.mode == "mean":
-            return F.linear(x, self.weight, self.bias) + _lowrank(x, self.phi_mean_A, self.phi_mean_B, self.scaling)
+            return self.mean_forward(x)
         if self.mode != "sample":
             raise ValueError(f"BayesLoRALinear.mode must be 'sample' or 'mean', not {self.mode!r}")
         seed = int(torch.randint(2**62, ()))  # torch's global generator: torch.manual_seed reproduces a run
@@ -281,12 +357,10 @@ class BayesLoRALinear(nn.Module):
 
     def _forward_activation(self, x, seed):
         """The authors' layer: y = W0 x + m + e^(l/2) eps, m = s B_mean A_mean x, l = s B_logvar A_logvar x + log_c,
-        eps ~ N(0, 1) of y's shape. The noise term keeps only x and the factors for backward (`_Recomputed`)."""
-        b_mu, a_mu, b_lv, a_lv = self.pairs("phi")
+        eps ~ N(0, 1) of y's shape. m + e^(l/2) eps keeps nothing output-sized for backward (`_ActSample`)."""
         self.last = (x, seed)
-        noise = _Recomputed.apply(partial(_act_noise, s=self.scaling, log_c=self.log_c, seed=seed), x, b_lv, a_lv)
-        y = F.linear(x, self.weight, self.bias)
-        return y + (_lowrank(x, a_mu, b_mu, self.scaling) + noise).to(y.dtype)  # noise in fp32 until the sum
+        y = _ActSample.apply(x, self.weight, *self.pairs("phi"), self.scaling, self.log_c, seed)
+        return y if self.bias is None else y + self.bias.to(y.dtype)  # as F.linear's, in autocast's dtype
 
     def kl(self, wrt: str | None = None):
         """KL(q(phi|D) || p(phi|theta)) summed over the weight (W0 cancels in mu_q - mu_p). wrt = "phi" or
@@ -298,24 +372,36 @@ class BayesLoRALinear(nn.Module):
         y~ = m_phi + e^(l_phi / 2) eps. Valid after a forward: the terms depend on its input x."""
         bq, aq, blq, alq = self.pairs("phi", grad=wrt in (None, "phi"))
         bp, ap, blp, alp = self.pairs("theta", grad=wrt in (None, "theta"))
-        if self.noise == "activation":
-            x, seed = self._last_input()
-            fn = partial(_act_kl, s=self.scaling, log_c=self.log_c, seed=seed if self.kl_estimator == "mc" else None)
-            return _Recomputed.apply(fn, x, bq, aq, blq, alq, bp, ap, blp, alp)
         factors = (torch.cat([bq, bp], 1), torch.cat([aq, -ap]),  # mu_q - mu_p
                    torch.cat([blq, blp], 1), torch.cat([alq, -alp]),  # lv_q - lv_p: log_c cancels
                    blp, -alp)  # -lv_p
+        if self.noise == "activation":  # the same three low-rank terms, on the outputs s B A x
+            x, seed = self._last_input()
+            terms = _act_kl_terms if self.kl_estimator == "closed" else partial(_act_mc_terms, seed=seed)
+            return _ActSum.apply(terms, self.scaling, (0.0, 0.0, -self.log_c), x, *factors)
         return _LowRankSum.apply(_kl_terms, self.scaling, (0.0, 0.0, -self.log_c), *factors)
 
     def neg_log_prior(self, a0: float = 1.0, b0: float = 0.01):
         """-log p(theta) = -log [N(mu_theta; 0, I) Gamma(1/sigma_theta^2; a0, b0)] summed over the weight; with
         activation noise over theta's output activations m_theta, l_theta of the last sampled forward."""
         b_mu, a_mu, b_lv, a_lv = self.pairs("theta")
-        if self.noise == "activation":
-            fn = partial(_act_prior, s=self.scaling, log_c=self.log_c, a0=a0, b0=b0)
-            return _Recomputed.apply(fn, self._last_input()[0], b_mu, a_mu, b_lv, a_lv)
         terms = partial(_prior_terms, a0=a0, b0=b0)
+        if self.noise == "activation":  # the same two terms, on the outputs s B A x
+            x = self._last_input()[0]
+            return _ActSum.apply(terms, self.scaling, (0.0, -self.log_c), x, b_mu, a_mu, b_lv, -a_lv)
         return _LowRankSum.apply(terms, self.scaling, (0.0, -self.log_c), b_mu, a_mu, b_lv, -a_lv)  # mu, -lv
+
+    def logvar(self, group: str, x=None):
+        """log sigma^2 of `group`: per weight entry (d_out, d_in), or with activation noise per output element
+        for the input x (..., d_out)."""
+        b_lv, a_lv = self.pairs(group)[2:]
+        if self.noise == "activation":
+            return _lowrank(x, a_lv, b_lv, self.scaling) + self.log_c
+        return self.scaling * b_lv @ a_lv + self.log_c
+
+    def mean_forward(self, x):
+        """W0 x + s B_mean A_mean x with phi's mean: the layer in "mean" mode."""
+        return F.linear(x, self.weight, self.bias) + _lowrank(x, self.phi_mean_A, self.phi_mean_B, self.scaling)
 
     def _last_input(self):
         if self.last is None:
@@ -438,8 +524,8 @@ def inject(model, method: str, targets=("wq", "wv", "wo"), rank: int = 8, alpha:
         raise ValueError(f"unknown method {method!r}: adapters are 'lora' or 'abmll'")
     if rank <= 0:
         raise ValueError(f"rank must be a positive integer, got {rank}")
-    if method == "abmll":  # the layer's own checks, before any module is replaced
-        BayesLoRALinear(nn.Linear(1, 1), 1, noise=noise, kl=kl)
+    if method == "abmll":  # before any module is replaced
+        _check_options(noise, kl)
     found = [(n, m) for n, m in model.named_modules() if n.rpartition(".")[2] in targets]
     for t in targets:
         if not any(n.rpartition(".")[2] == t for n, _ in found):
@@ -617,15 +703,22 @@ def abmll_task(model, outer_opt, batches, cfg: Config, inner_opt=None, query=Non
 
 
 @contextmanager
-def adapted(model, support, cfg: Config):
-    """Test section of Algorithm 1: copy the adapters (never the base model), K steps on the support
-    batches, score the query inside the block; the adapters are restored after it."""
+def restored(model):
+    """The adapters (never the base model) are copied on entering the block and put back on leaving it."""
     saved = {k: p.detach().clone() for k, p in adapter_params(model).items()}
     try:
-        adapt(model, support, cfg)
         yield model
     finally:
         _copy_into(adapter_params(model), saved)
+
+
+@contextmanager
+def adapted(model, support, cfg: Config):
+    """Test section of Algorithm 1: copy the adapters, K steps on the support batches, score the query
+    inside the block; the adapters are restored after it."""
+    with restored(model):
+        adapt(model, support, cfg)
+        yield model
 
 
 # -----------------------------------------------------------------------------
