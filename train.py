@@ -181,7 +181,7 @@ def diagnostics(model, support, val, tok, args, group) -> dict:
         out["noise_ratio"] = {k: torch.stack(v).mean().item() for k, v in noise.items()}
         out["noise_changed"] = {k: torch.stack(v).mean().item() for k, v in changed.items()}
         if val:
-            rows = [score(model, val[:32], tok, argparse.Namespace(**{**vars(args), "eval_noise": noise}))
+            rows = [score(model, val[:8], tok, argparse.Namespace(**{**vars(args), "eval_noise": noise}))
                     for noise in ("sample", "mean")]
             diffs = [abs(a - b) for r, q in zip(*rows) for a, b in zip(r["probs"], q["probs"])]
             out["sample_vs_mean"] = sum(diffs) / len(diffs)
