@@ -39,7 +39,8 @@ import llama
 METHODS = ("pretrained", "pretrained-adapted", "lora", "structured", "reptile", "abmll")
 UNTRAINED = ("pretrained", "pretrained-adapted")  # the second: a fresh LoRA (B = 0), adapted at test time only
 RUN_ONLY = ("resume", "compare", "seeds", "device", "out")  # flags that may change when a run resumes
-# "paper" is Section 5.1.1's setting (for a GPU). "quick" fits a 2-core CPU in minutes: it takes ~1/1000
+# "paper" is Section 5.1.1's setting (for a GPU). "quick" fits a 2-core CPU in minutes (the default command in
+# < 10: 12 training tasks an epoch, as each costs ~8.6 s and each evaluation ~100 s): it takes ~1/1000
 # of the paper's steps, and at the paper's learning rates the adapters barely move in so few (measured on
 # nli: Structured LoRA 30.4% vs Pretrained 31.0% test accuracy), so it scales every learning rate by 10.
 # "official" is the authors' code (github zhang-liyi/llm-meta-learning) at the paper's budget: README's table.
@@ -51,7 +52,7 @@ _AUTHORS = dict(_TEXT, targets="wq,wv,wo,w1,w2,w3", noise="activation", kl="mc",
                 inner_opt="persistent", reptile_anneal="linear", prior_weight="beta/M", prompt="official",
                 eval_noise="mean")
 _PAPER = dict(epochs=500, tasks_per_epoch=None, max_query=None, max_val=None, max_examples=None, **_PAPER_LR)
-PRESETS = {"quick": dict(epochs=2, tasks_per_epoch=20, max_query=16, max_val=None, max_examples=200,
+PRESETS = {"quick": dict(epochs=2, tasks_per_epoch=12, max_query=16, max_val=None, max_examples=200,
                          **{k: 10 * v for k, v in _PAPER_LR.items()}, **_TEXT),
            "paper": dict(_PAPER, **_TEXT),
            # quick's training with an evaluation that can tell methods apart: >= 1,000 test and >= 300 validation
@@ -101,6 +102,11 @@ def score(model, examples, tok, args) -> list[dict]:
     return sorted(rows, key=lambda r: r["id"])
 
 
+def at_test(cfg, args):
+    """The method's settings at test time: adaptation at --test-lr, the same for every method."""
+    return dataclasses.replace(cfg, inner_lr=args.test_lr)
+
+
 def support_batches(held, tok, args):
     """A held-out task's K support batches of 2, on the device."""
     return [to_device(data.collate(held.support[i:i + 2], tok, args.max_len, args.prompt), args)
@@ -118,7 +124,7 @@ def evaluate(model, tasks, part, tok, args, cfg, prunes=(("none", 0),), diag=Non
         if diag is not None and n == 0:
             with torch.random.fork_rng(devices=[]):  # diagnostics draw noise; the run's RNG stream stays as it was
                 diag |= diagnostics(model, support, held.val, tok, args, "theta")
-        with autocast(args), abmll.adapted(model, support, cfg) if adapts else nullcontext():
+        with autocast(args), abmll.adapted(model, support, at_test(cfg, args)) if adapts else nullcontext():
             if diag is not None and n == 0:
                 with torch.random.fork_rng(devices=[]):
                     diag |= diagnostics(model, support, [], tok, args, "phi")
@@ -134,11 +140,11 @@ def adapt_curve(model, tasks, tok, args, cfg) -> dict:
     ks, rows = sorted(set(args.adapt_curve)), {}
     for task, held in tasks.items():
         support = support_batches(held, tok, args)
-        opt, done = abmll.inner_optimizer(model, cfg), 0
+        opt, done = abmll.inner_optimizer(model, at_test(cfg, args)), 0
         with abmll.restored(model):
             for k in ks:
                 with autocast(args):
-                    abmll.adapt(model, [support[j % len(support)] for j in range(done, k)], cfg, opt)
+                    abmll.adapt(model, [support[j % len(support)] for j in range(done, k)], at_test(cfg, args), opt)
                 done = k
                 rows.setdefault(k, []).extend(score(model, held.test, tok, args))
     return rows
@@ -464,6 +470,8 @@ def run(args) -> dict:
                                 max_examples=args.max_examples, max_query=args.max_query, max_val=args.max_val)
     except (data.DataError, fetch.FetchError) as e:
         raise RunError(f"--split {args.split}: {e}") from None
+    if args.max_held_out:
+        split.test = dict(list(split.test.items())[:args.max_held_out])
     if args.prior_weight == "beta/M":  # the authors weight -log p(theta) by beta / (number of training tasks)
         cfg.prior_scale = 1 / len(split.train)
     epochs = 1 if args.method in UNTRAINED else args.epochs
@@ -562,6 +570,8 @@ def parse_args(argv=None):
     p.add_argument("--max-query", type=int, default=None, help="validation / test examples per held-out task")
     p.add_argument("--max-val", type=int, default=None, help="validation examples per held-out task "
                    "(default: --max-query)")
+    p.add_argument("--max-held-out", type=int, default=None, help="only the first N held-out tasks (smoke runs; "
+                   "default: all)")
     p.add_argument("--max-len", type=int, default=256, help="tokens per example (long questions lose their start)")
     p.add_argument("--inner-steps", type=int, default=d.inner_steps, help="K: steps per task and at test time")
     p.add_argument("--lr", type=float, default=None, help=f"Regular LoRA's learning rate (paper: {d.lr:g}; "
@@ -569,6 +579,8 @@ def parse_args(argv=None):
     p.add_argument("--inner-lr", type=float, default=None, help=f"inner-loop / structured / test-time lr "
                    f"(paper: {d.inner_lr:g})")
     p.add_argument("--outer-lr", type=float, default=None, help=f"ABMLL's outer-step lr (paper: {d.outer_lr:g})")
+    p.add_argument("--test-lr", type=float, default=None, help="test-time adaptation's lr, the same for every "
+                   "method (default: --inner-lr)")
     p.add_argument("--reptile-eps", type=float, default=d.reptile_eps, help="Reptile's meta step size")
     p.add_argument("--beta", type=float, default=d.beta, help="weight of the KL and prior terms (Eq. 2)")
     p.add_argument("--log-c", type=float, default=-20.0, help="log-variance offset c (DESIGN.md)")
@@ -655,7 +667,11 @@ def check_args(args, p):
     """The numeric hyperparameters, once the presets have filled them: one line naming the flag (exit 2).
     Each test is written as `lo < v < hi`, which nan fails too."""
     inf = float("inf")
-    for k in ("lr", "inner_lr", "outer_lr", "a0", "b0", "alpha"):
+    if args.test_lr is None:
+        args.test_lr = args.inner_lr
+    if args.max_held_out is not None and args.max_held_out < 1:
+        p.error(f"--max-held-out must be >= 1, got {args.max_held_out}")
+    for k in ("lr", "inner_lr", "outer_lr", "test_lr", "a0", "b0", "alpha"):
         v = getattr(args, k)
         if not 0 < v < inf:
             p.error(f"--{k.replace('_', '-')} must be a finite number > 0, got {v}")

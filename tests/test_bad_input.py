@@ -62,7 +62,7 @@ def one_line_error(main, argv, capsys, needle):
 @pytest.mark.parametrize("flag,value", [
     ("--lr", "nan"), ("--lr", "-1e-3"), ("--inner-lr", "0"), ("--outer-lr", "inf"), ("--a0", "-1"), ("--b0", "0"),
     ("--beta", "nan"), ("--beta", "-1"), ("--log-c", "nan"), ("--alpha", "0"), ("--reptile-eps", "0"),
-    ("--reptile-eps", "1.5"),
+    ("--reptile-eps", "1.5"), ("--test-lr", "0"), ("--test-lr", "nan"), ("--max-held-out", "0"),
 ])
 def test_numeric_flags_are_range_checked(flag, value, capsys):
     one_line_error(train.parse_args, [f"{flag}={value}"], capsys, f"error: {flag} must be")

@@ -214,6 +214,25 @@ def test_official_preset_records_the_authors_settings(tiny, tmp_path):
     assert (config["lr"], config["inner_lr"], config["outer_lr"], config["epochs"]) == (5e-5, 1e-5, 5e-5, 1)
 
 
+def test_test_lr_and_max_held_out(tiny, tmp_path):
+    """--test-lr moves test-time adaptation only (training and k = 0 alike); --max-held-out keeps the first tasks."""
+    import train
+    assert train.parse_args(["--inner-lr", "3e-5"]).test_lr == 3e-5  # default: the inner lr
+    finals = {}
+    for lr in ("1e-4", "1e-1"):
+        out = tmp_path / lr
+        r = run(cmd(tiny, out, "--epochs", "1", "--tasks-per-epoch", "1", "--max-held-out", "2", "--test-lr", lr,
+                    "--adapt-curve", "0", "2", "--eval-noise", "mean"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        finals[lr], hist = results(out)
+        assert finals[lr]["n_test"] == 2 * 4
+        assert json.loads((out / "nli" / "abmll" / "seed0" / "config.json").read_text())["test_lr"] == float(lr)
+    pred = [tmp_path / lr / "nli" / "abmll" / "seed0" / "predictions" for lr in finals]
+    curve = [[evaluation.read_predictions(p / f"adapt{k}-0.jsonl.gz") for k in (0, 2)] for p in pred]
+    assert curve[0][0] == curve[1][0] and curve[0][1] != curve[1][1]
+    assert {r["task"] for r in curve[0][0]} == set(data.OFFLINE_HELD_OUT["nli"][:2])
+
+
 def test_presets_set_learning_rates_unless_given():
     import abmll
     import train
