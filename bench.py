@@ -6,6 +6,7 @@ own matmul peak.
     python bench.py --threads 1 --json out/bench.json     # one thread: steadier on a busy shared machine
     python bench.py --device cuda --model llama3-8b --random-init   # GPU: 8B shape, random bf16, batch 2 x 512
     python bench.py --model tiny --random-init --quick    # seconds: the smoke test's run
+    python bench.py --plan --model llama3-8b --batch 2 --seq 512 --dtype bf16   # predicted peaks (plan.py)
 
 Timing: one warm-up, then --repeats rounds in which every job runs once (A B C, A B C, ...), so the
 drift of a shared machine hits them alike; each figure is the median of its rounds. A speedup is
@@ -633,7 +634,8 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--random-init", action="store_true", help="random weights of the named shape, no checkpoint")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
-                   help="weight dtype (default: float32 on CPU, bfloat16 on CUDA)")
+                   type=lambda s: {"fp32": "float32", "bf16": "bfloat16"}.get(s, s),
+                   help="weight dtype (default: float32 on CPU, bfloat16 on CUDA; fp32, bf16 also accepted)")
     p.add_argument("--batch", type=int, default=2, help="sequences per step")
     p.add_argument("--seq", type=int, help="tokens per sequence (default: 256 on CPU, 512 on CUDA)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds after the warm-up; figures are medians")
@@ -641,19 +643,30 @@ def main():
     p.add_argument("--quick", action="store_true", help="2 rounds, short growth sweeps, a small GEMM: a smoke run")
     p.add_argument("--no-reference", action="store_true", help="skip transformers + peft even when installed")
     p.add_argument("--json", help="also write every figure to this file, one flat JSON object")
+    p.add_argument("--plan", action="store_true", help="only predict the peak memory of a LoRA and ABMLL step "
+                   "(plan.py): built-in shapes, no weights, no GPU; --device cuda plans CUDA's foreach AdamW")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="with --plan: each decoder layer recomputed in backward")
     args = p.parse_args()
+    args.random_init |= args.plan  # --plan needs shapes only
     try:
         device = torch.device(args.device)
     except RuntimeError:
         sys.exit(f"error: --device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available() and not args.plan:
         sys.exit("error: --device cuda, but torch sees no CUDA device")
     if args.random_init and args.model not in llama.CONFIGS:
-        sys.exit(f"error: --model {args.model!r} with --random-init must be one of {', '.join(llama.CONFIGS)}")
+        sys.exit(f"error: --model {args.model!r} with --random-init or --plan must be one of "
+                 f"{', '.join(llama.CONFIGS)}")
     if args.batch < 1 or args.repeats < 1 or (args.seq is not None and args.seq < 4) or (args.threads or 1) < 1:
         sys.exit("error: --batch, --repeats and --threads must be >= 1, --seq >= 4")
+    if args.activation_checkpointing and not args.plan:
+        sys.exit("error: --activation-checkpointing is a --plan option (the benchmark has none)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.plan:
+        import plan
+        return plan.main(args)
     R = run(args)
     if R["reference"]:
         import peft
