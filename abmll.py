@@ -602,12 +602,17 @@ def predictive_probs(model, batch, choices=None, samples: int = 1):
     return probs / samples
 
 
-def _step(opt, loss, extra: dict | None = None) -> float:
-    """One optimizer step; a non-finite loss (NLL or KL) stops before any adapter changes. `extra` maps
-    parameters to gradients added after backward (FOMAML's query gradient)."""
+def check_finite(loss):
+    """A non-finite loss (NLL or KL) stops training before any adapter changes: FloatingPointError."""
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite loss ({loss.item()}): training stopped, "
                                  "adapters kept at their last good values")
+
+
+def _step(opt, loss, extra: dict | None = None) -> float:
+    """One optimizer step; a non-finite loss (NLL or KL) stops before any adapter changes. `extra` maps
+    parameters to gradients added after backward (FOMAML's query gradient)."""
+    check_finite(loss)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     for p, g in (extra or {}).items():
@@ -637,6 +642,12 @@ def abmll_outer_step(model, opt, cfg: Config, batch=None, query=None) -> float:
     first, without gradients: they would reach phi only. cfg.outer_grad "fo" (first-order MAML, an ablation
     neither the paper nor the authors' code has) adds grad_phi NLL(query) at the adapted phi onto theta:
     the identity path of d phi / d theta. Returns the KL-and-prior part of the loss."""
+    return _step(opt, *abmll_outer_loss(model, cfg, batch, query))
+
+
+def abmll_outer_loss(model, cfg: Config, batch=None, query=None):
+    """`abmll_outer_step`'s loss beta [KL + prior_scale (-log p(theta))] and, for cfg.outer_grad "fo", its
+    extra {theta factor: grad_phi NLL(query)} (else None), before any step."""
     layers = bayes_layers(model)
     extra = None
     if cfg.outer_grad == "fo":
@@ -646,7 +657,7 @@ def abmll_outer_step(model, opt, cfg: Config, batch=None, query=None) -> float:
         with torch.no_grad():
             nll_loss(model, batch)  # records each layer's input; a fresh sample, as a new forward draws
     loss = model_kl(model, wrt="theta") + cfg.prior_scale * model_neg_log_prior(model, cfg.a0, cfg.b0)
-    return _step(opt, cfg.beta * loss, extra)
+    return cfg.beta * loss, extra
 
 
 def layers_pairs(layers, group: str):
@@ -700,6 +711,43 @@ def abmll_task(model, outer_opt, batches, cfg: Config, inner_opt=None, query=Non
             m.reset_phi()
             m.last = None  # the last forward's input is no longer needed
     return {"inner": inner, "outer": outer}
+
+
+# one task of a meta-batch: its update computed, not applied; train.py averages them over the meta-batch's
+# tasks (and ranks) into one step
+
+
+def abmll_task_grads(model, batches, cfg: Config, query=None) -> tuple[dict, list[float]]:
+    """`abmll_task` with theta's outer-step gradient returned rather than stepped: K inner steps on phi (a
+    fresh AdamW), then ({theta factor: d/dtheta beta [KL + prior_scale (-log p(theta))] (+ FOMAML's query
+    term)}, the inner losses); phi <- theta. Theta's .grad is left alone."""
+    theta = list(layers_pairs(bayes_layers(model), "theta"))
+    try:
+        inner = adapt(model, batches, cfg)
+        loss, extra = abmll_outer_loss(model, cfg, batches[-1], query)
+        check_finite(loss)
+        grads = torch.autograd.grad(loss, theta, allow_unused=True)
+    finally:
+        for m in bayes_layers(model):
+            m.reset_phi()
+            m.last = None
+    grads = {p: torch.zeros_like(p) if g is None else g for p, g in zip(theta, grads)}
+    for p, g in (extra or {}).items():
+        grads[p].add_(g)
+    return grads, inner
+
+
+def reptile_delta(model, batches, cfg: Config) -> tuple[dict, list[float]]:
+    """Reptile's task update, not applied: theta_i <- theta, K steps on task i (a fresh AdamW); returns
+    ({name: theta_i - theta}, the losses) with theta put back."""
+    params = param_groups(model)["lora"]
+    theta = {k: p.detach().clone() for k, p in params.items()}
+    try:
+        losses = adapt(model, batches, cfg)
+        delta = {k: p.detach() - theta[k] for k, p in params.items()}
+    finally:  # a NaN, or Ctrl-C, too
+        _copy_into(params, theta)
+    return delta, losses
 
 
 @contextmanager

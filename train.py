@@ -23,10 +23,11 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -38,7 +39,7 @@ import llama
 
 METHODS = ("pretrained", "pretrained-adapted", "lora", "structured", "reptile", "abmll")
 UNTRAINED = ("pretrained", "pretrained-adapted")  # the second: a fresh LoRA (B = 0), adapted at test time only
-RUN_ONLY = ("resume", "compare", "seeds", "device", "out")  # flags that may change when a run resumes
+RUN_ONLY = ("resume", "compare", "seeds", "device", "out", "fsdp")  # flags that may change when a run resumes
 # "paper" is Section 5.1.1's setting (for a GPU). "quick" fits a 2-core CPU in minutes (the default command in
 # < 10: 12 training tasks an epoch, as each costs ~8.6 s and each evaluation ~100 s): it takes ~1/1000
 # of the paper's steps, and at the paper's learning rates the adapters barely move in so few (measured on
@@ -65,6 +66,106 @@ TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # Meta's names of the line
 
 class RunError(RuntimeError):
     """A problem with the run's flags or directory that the user can fix (one line)."""
+
+
+# -----------------------------------------------------------------------------
+# processes: torchrun's ranks, or one
+
+
+@dataclasses.dataclass
+class Ranks:
+    """This process among torchrun's (WORLD_SIZE > 1), or the only one. Rank r runs task j of every
+    meta-batch with j % world == r and held-out task n with n % world == r (all of them under --fsdp, whose
+    sharded forwards run in lockstep on every rank); only rank 0 writes files and prints progress."""
+
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+    fsdp: bool = False
+
+    def mine(self, n: int) -> bool:
+        """Whether held-out task n is this rank's."""
+        return self.fsdp or n % self.world == self.rank
+
+    def gathered(self, items: list, held_out: bool = False) -> list:
+        """[(n, value)] of every rank, sorted by n: each rank's share of the training tasks' losses, or of the
+        held-out tasks' rows (which under --fsdp every rank has already)."""
+        if self.world == 1 or held_out and self.fsdp:
+            return items
+        out = [None] * self.world
+        dist.all_gather_object(out, items)
+        return sorted((x for part in out for x in part), key=lambda x: x[0])
+
+    def sum_(self, tensors: list, err: Exception | None = None):
+        """Sum `tensors` over the ranks in place, one flat all-reduce that also carries whether any rank hit a
+        non-finite loss: then every rank raises (its own error or another rank's) before an adapter moves."""
+        bad = err is not None
+        if self.world > 1:
+            flat = torch.cat([t.reshape(-1) for t in tensors] + [tensors[0].new_full((1,), float(bad))])
+            dist.all_reduce(flat)
+            bad = bool(flat[-1] > 0)
+            for t, f in zip(tensors, flat[:-1].split([t.numel() for t in tensors]) if not bad else ()):
+                t.copy_(f.view_as(t))
+        if err is not None:
+            raise err
+        if bad:
+            raise FloatingPointError("non-finite loss on another rank: training stopped, adapters kept at "
+                                     "their last good values")
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    @contextmanager
+    def first(self):
+        """Each node's local rank 0 runs the block (fetching and caching the model and data) before the others."""
+        if self.local != 0:
+            self.barrier()
+        yield
+        if self.local == 0:
+            self.barrier()
+
+
+DIST = Ranks()  # main() sets it under torchrun
+
+
+def world_size() -> int:
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def init_ranks(args) -> Ranks:
+    """torch.distributed for torchrun's processes: gloo on CPU, nccl on CUDA (device cuda:LOCAL_RANK)."""
+    world = world_size()
+    if world == 1:
+        return Ranks()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        args.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), local, args.fsdp)
+
+
+def parallel(args) -> bool:
+    """Tasks run side by side (--meta-batch > 1 or several processes): each draws its own noise stream."""
+    return args.meta_batch > 1 or DIST.world > 1
+
+
+@contextmanager
+def task_stream(args, *key):
+    """Torch's CPU generator (where every noise seed is drawn) seeded by (seed, *key) inside the block and
+    restored after it, when tasks run in parallel, so that whichever rank runs a task draws what one process
+    draws; otherwise the run's single stream, as on one process with --meta-batch 1."""
+    if not parallel(args):
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(random.Random("-".join(map(str, (args.seed, *key)))).getrandbits(63))
+        yield
 
 
 # -----------------------------------------------------------------------------
@@ -113,41 +214,51 @@ def support_batches(held, tok, args):
             for i in range(0, len(held.support), 2)]
 
 
-def evaluate(model, tasks, part, tok, args, cfg, prunes=(("none", 0),), diag=None) -> dict:
+def evaluate(model, tasks, part, tok, args, cfg, prunes=(("none", 0),), diag=None, stream=()) -> dict:
     """Prediction rows of the held-out tasks' `part` examples after test-time adaptation on each task's
     support batches (none for Pretrained), per (pruning mode, percent). `diag`, a dict, gets ABMLL's
-    diagnostics on the first task."""
-    rows = {key: [] for key in prunes}
+    diagnostics on the first task (on the rank that runs it). Several ranks deal the tasks out, task n
+    drawing from stream (*stream, n), and gather the rows in task order."""
+    done = []
     for n, (task, held) in enumerate(tasks.items()):
+        if not DIST.mine(n):
+            continue
+        rows = {key: [] for key in prunes}
         support, examples = support_batches(held, tok, args), getattr(held, part)
         adapts = args.method not in ("pretrained",)
-        if diag is not None and n == 0:
-            with torch.random.fork_rng(devices=[]):  # diagnostics draw noise; the run's RNG stream stays as it was
-                diag |= diagnostics(model, support, held.val, tok, args, "theta")
-        with autocast(args), abmll.adapted(model, support, at_test(cfg, args)) if adapts else nullcontext():
+        with task_stream(args, *stream, n):
             if diag is not None and n == 0:
-                with torch.random.fork_rng(devices=[]):
-                    diag |= diagnostics(model, support, [], tok, args, "phi")
-            for mode, p in prunes:
-                with evaluation.pruned(model, p, mode if p else "activation", calib=support):
-                    rows[(mode, p)] += score(model, examples, tok, args)
-    return rows
+                with torch.random.fork_rng(devices=[]):  # diagnostics draw noise; the run's RNG stream stays
+                    diag |= diagnostics(model, support, held.val, tok, args, "theta")
+            with autocast(args), abmll.adapted(model, support, at_test(cfg, args)) if adapts else nullcontext():
+                if diag is not None and n == 0:
+                    with torch.random.fork_rng(devices=[]):
+                        diag |= diagnostics(model, support, [], tok, args, "phi")
+                for mode, p in prunes:
+                    with evaluation.pruned(model, p, mode if p else "activation", calib=support):
+                        rows[(mode, p)] += score(model, examples, tok, args)
+        done.append((n, rows))
+    return {key: [r for _, rows in DIST.gathered(done, held_out=True) for r in rows[key]] for key in prunes}
 
 
 def adapt_curve(model, tasks, tok, args, cfg) -> dict:
     """Prediction rows of the test examples after k test-time steps, for each k of --adapt-curve: k batches
     of the support set, cycled, from one fresh AdamW; the same k for every method."""
-    ks, rows = sorted(set(args.adapt_curve)), {}
-    for task, held in tasks.items():
-        support = support_batches(held, tok, args)
+    ks, mine = sorted(set(args.adapt_curve)), []
+    for n, (task, held) in enumerate(tasks.items()):
+        if not DIST.mine(n):  # dealt out and gathered as in evaluate()
+            continue
+        support, rows = support_batches(held, tok, args), {}
         opt, done = abmll.inner_optimizer(model, at_test(cfg, args)), 0
-        with abmll.restored(model):
+        with abmll.restored(model), task_stream(args, "curve", n):
             for k in ks:
                 with autocast(args):
                     abmll.adapt(model, [support[j % len(support)] for j in range(done, k)], at_test(cfg, args), opt)
                 done = k
-                rows.setdefault(k, []).extend(score(model, held.test, tok, args))
-    return rows
+                rows[k] = score(model, held.test, tok, args)
+        mine.append((n, rows))
+    gathered = DIST.gathered(mine, held_out=True)
+    return {k: [r for _, rows in gathered for r in rows[k]] for k in ks} if gathered else {}
 
 
 @torch.no_grad()
@@ -234,6 +345,8 @@ def train_epoch(model, opt, split, epoch, tok, args, cfg, progress):
     losses, inner_opt = [], opt if args.inner_opt == "persistent" else None  # see build()
     if args.reptile_anneal == "linear":  # the authors' Reptile: eps = eps0 (1 - epoch / epochs)
         cfg = dataclasses.replace(cfg, reptile_eps=cfg.reptile_eps * (1 - epoch / args.epochs))
+    if args.meta_batch > 1:
+        return train_meta_batches(model, opt, split, epoch, tok, args, cfg, progress)
     for task, support, query in epoch_tasks(split, epoch, args, cfg):
         batches = [to_device(data.collate(b, tok, args.max_len, args.prompt), args) for b in support]
         query = None if query is None else to_device(data.collate(query, tok, args.max_len, args.prompt), args)
@@ -250,16 +363,99 @@ def train_epoch(model, opt, split, epoch, tok, args, cfg, progress):
     return sum(losses) / max(len(losses), 1)
 
 
+def train_meta_batches(model, opt, split, epoch, tok, args, cfg, progress):
+    """--meta-batch T: the epoch's tasks in meta-batches of T consecutive ones (the last smaller when T does not
+    divide them), task j of each on rank j % world, and one update per meta-batch from the mean over its tasks,
+    summed across the ranks (one all-reduce):
+        ABMLL       theta <- AdamW(1/T sum_t grad_theta beta [KL(q(phi_t) || p(phi_t|theta)) + prior_scale
+                    (-log p(theta))] (+ FOMAML's query terms)), each phi_t K inner steps from theta
+        Reptile     theta <- theta + eps 1/T sum_t (theta_t - theta), each theta_t K steps from theta
+        LoRA, Structured LoRA: K AdamW steps, step k on 1/T sum_t grad NLL(batch k of task / pooled episode t)
+    (what DDP over T replicas would do). Task i of the epoch draws noise from its own stream (seed, epoch, i),
+    so any number of ranks computes what one process computes. Returns the mean loss over every step."""
+    T, K, done = args.meta_batch, cfg.inner_steps, []
+    episodes = list(enumerate(epoch_tasks(split, epoch, args, cfg)))
+    for start in range(0, len(episodes), T):
+        group = episodes[start:start + T]
+        mine = [(i, task, [to_device(data.collate(b, tok, args.max_len, args.prompt), args) for b in support],
+                 None if query is None else to_device(data.collate(query, tok, args.max_len, args.prompt), args))
+                for j, (i, (task, support, query)) in enumerate(group) if j % DIST.world == DIST.rank]
+        with autocast(args):
+            if args.method in ("lora", "structured"):
+                losses = _mean_steps(model, opt, mine, len(group), K)
+            else:
+                losses = _mean_update(model, opt, mine, len(group), epoch, args, cfg)
+        done += losses
+        progress.task = mine[-1][1] if mine else ""
+        progress.advance(K * len(group), losses[-1][1][-1] if losses else float("nan"))
+    losses = [x for _, ls in DIST.gathered(done) for x in ls]  # every rank's, in the epoch's task order
+    return sum(losses) / max(len(losses), 1)
+
+
+def _mean_update(model, opt, mine, n, epoch, args, cfg) -> list:
+    """ABMLL's one theta step or Reptile's one meta step from this rank's tasks of a meta-batch of n."""
+    err, total, losses = None, None, []
+    reptile = args.method == "reptile"
+    try:
+        for i, task, batches, query in mine:
+            with task_stream(args, epoch, i):
+                delta, step_losses = (abmll.reptile_delta(model, batches, cfg) if reptile
+                                      else abmll.abmll_task_grads(model, batches, cfg, query))
+            total = delta if total is None else {k: t.add_(delta[k]) for k, t in total.items()}
+            losses.append((i, step_losses))
+    except FloatingPointError as e:  # raised on every rank by sum_, once the others know
+        err = e
+    params = abmll.param_groups(model)["lora"] if reptile else \
+        {p: p for p in abmll.layers_pairs(abmll.bayes_layers(model), "theta")}
+    total = {k: torch.zeros_like(p) for k, p in params.items()} if total is None or err else total
+    DIST.sum_(list(total.values()), err)
+    with torch.no_grad():
+        for k, p in params.items():
+            if reptile:  # theta <- theta + eps mean_t (theta_t - theta)
+                p.add_(total[k].div_(n), alpha=cfg.reptile_eps)
+            else:
+                p.grad = total[k].div_(n)
+    if not reptile:
+        opt.step()
+        for m in abmll.bayes_layers(model):  # phi <- theta, the stepped one
+            m.reset_phi()
+    return losses
+
+
+def _mean_steps(model, opt, mine, n, K) -> list:
+    """Regular / Structured LoRA on this rank's tasks of a meta-batch of n: K steps, step k's gradient the mean
+    over the n tasks' batch k."""
+    params, losses = list(abmll.param_groups(model)["lora"].values()), {i: [] for i, *_ in mine}
+    for k in range(K):
+        err, total = None, [torch.zeros_like(p) for p in params]
+        try:
+            for i, task, batches, _ in mine:
+                loss = abmll.nll_loss(model, batches[k])
+                abmll.check_finite(loss)
+                for t, g in zip(total, torch.autograd.grad(loss, params)):
+                    t.add_(g)
+                losses[i].append(loss.item())
+        except FloatingPointError as e:
+            err = e
+        DIST.sum_(total, err)
+        for p, t in zip(params, total):
+            p.grad = t.div_(n)
+        opt.step()
+    return list(losses.items())
+
+
 class Progress:
     """One live line: epoch, task, step, loss, ETA (a line per task when not on a terminal)."""
 
     def __init__(self, total_steps, epochs):
         self.total, self.done, self.epochs, self.epoch, self.task = total_steps, 0, epochs, 0, ""
         self.t0, self.last = time.time(), 0.0
-        self.tty = sys.stderr.isatty()
+        self.tty, self.quiet = sys.stderr.isatty(), DIST.rank != 0
 
     def advance(self, steps, loss):
         self.done += steps
+        if self.quiet:
+            return
         elapsed = time.time() - self.t0
         eta = elapsed / self.done * (self.total - self.done)
         line = (f"epoch {self.epoch + 1}/{self.epochs} | task {self.task[:32]:32s} | step {self.done}/{self.total}"
@@ -271,7 +467,7 @@ class Progress:
             self.last = time.time()
 
     def end_line(self):
-        if self.tty:
+        if self.tty and not self.quiet:
             print(file=sys.stderr)
 
 
@@ -423,6 +619,19 @@ def build(args, cfg):
     return model, tok, opt
 
 
+def shard(model):
+    """--fsdp: FSDP2's fully_shard on every decoder layer, then on the rest (embeddings, norm, head): the frozen
+    base is split across the ranks and gathered a layer at a time; the adapters stay whole on every rank
+    (ignored_params), as the meta-batch's all-reduce expects."""
+    from torch.distributed.fsdp import fully_shard
+
+    keep = set(abmll.adapter_params(model).values())
+    for layer in model.layers:
+        fully_shard(layer, ignored_params=keep & set(layer.parameters()))
+    fully_shard(model, ignored_params=keep)
+    return model
+
+
 def test_and_record(model, split, tok, args, cfg, rundir) -> dict:
     """The test examples scored unpruned, at every pruning level and mode, and along the adaptation curve;
     every set of prediction rows written to {rundir}/predictions/, and final.json's metrics computed from
@@ -431,14 +640,15 @@ def test_and_record(model, split, tok, args, cfg, rundir) -> dict:
     levels = [p for p in (args.prune or []) if p != 0]
     t0 = time.time()
     try:
-        test = evaluate(model, split.test, "test", tok, args, cfg, [("none", 0)] + [(m, p) for m in modes for p in levels])
+        test = evaluate(model, split.test, "test", tok, args, cfg,
+                        [("none", 0)] + [(m, p) for m in modes for p in levels], stream=("test",))
         curve = adapt_curve(model, split.test, tok, args, cfg) if args.adapt_curve and args.method != "pretrained" else {}
     except (FloatingPointError, ValueError) as e:
         raise RunError(f"test: {e}; the checkpoint is in {rundir}") from None
     pred = rundir / "predictions"
-    for (mode, p), rows in test.items():
+    for (mode, p), rows in test.items() if DIST.rank == 0 else ():
         evaluation.write_predictions(pred / (f"test-{mode}-{p:g}.jsonl.gz" if p else "test-0.jsonl.gz"), rows)
-    for k, rows in curve.items():
+    for k, rows in curve.items() if DIST.rank == 0 else ():
         evaluation.write_predictions(pred / f"adapt{k}-0.jsonl.gz", rows)
     m = evaluation.metrics(test[("none", 0)])
     final = dict(method=args.method, split=args.split, seed=args.seed, **{f"test_{k}": v for k, v in m.items() if k != "n"},
@@ -464,19 +674,31 @@ def run(args) -> dict:
     if (rundir / "state.json").exists() and not args.resume:
         raise RunError(f"{rundir} already holds a run: pass --resume to continue it or --out elsewhere")
     torch.manual_seed(args.seed)
-    model, tok, opt = build(args, cfg)
-    try:
-        split = data.load_split(args.split, args.data_dir, tok, args.max_len, args.seed, k_shot=args.inner_steps,
-                                max_examples=args.max_examples, max_query=args.max_query, max_val=args.max_val)
-    except (data.DataError, fetch.FetchError) as e:
-        raise RunError(f"--split {args.split}: {e}") from None
+    with DIST.first():  # under torchrun one process per node fetches, the others find the cache
+        model, tok, opt = build(args, cfg)
+        try:
+            split = data.load_split(args.split, args.data_dir, tok, args.max_len, args.seed, k_shot=args.inner_steps,
+                                    max_examples=args.max_examples, max_query=args.max_query, max_val=args.max_val)
+        except (data.DataError, fetch.FetchError) as e:
+            raise RunError(f"--split {args.split}: {e}") from None
+    n_tasks = min(len(split.train), args.tasks_per_epoch or len(split.train))
+    if DIST.fsdp and args.method not in UNTRAINED:  # a rank with fewer tasks would wait for the others' forwards
+        sizes = [min(args.meta_batch, n_tasks - i) for i in range(0, n_tasks, args.meta_batch)]
+        if any(m % DIST.world for m in sizes):
+            raise RunError(f"--fsdp: every rank must run as many tasks as the others (sharded forwards run in "
+                           f"lockstep), but {n_tasks} tasks an epoch in meta-batches of {args.meta_batch} leave "
+                           f"{next(m for m in sizes if m % DIST.world)} for {DIST.world} ranks; choose "
+                           f"--meta-batch and --tasks-per-epoch as multiples of {DIST.world}")
+    if DIST.fsdp:
+        shard(model)
     if args.max_held_out:
         split.test = dict(list(split.test.items())[:args.max_held_out])
     if args.prior_weight == "beta/M":  # the authors weight -log p(theta) by beta / (number of training tasks)
         cfg.prior_scale = 1 / len(split.train)
     epochs = 1 if args.method in UNTRAINED else args.epochs
     rundir.mkdir(parents=True, exist_ok=True)
-    data.save_report(split, rundir / "data_report.json")  # what was kept and dropped per task: stderr, file
+    if DIST.rank == 0:
+        data.save_report(split, rundir / "data_report.json")  # what was kept and dropped per task: stderr, file
     config = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
     if args.resume and (rundir / "state.json").exists():
         try:
@@ -488,15 +710,16 @@ def run(args) -> dict:
             k = changed[0]
             raise RunError(f"{rundir}: --{k.replace('_', '-')} was {old[k]!r}, now {config[k]!r}; "
                            f"resume with the run's flags or use another --out")
-    else:
+    elif DIST.rank == 0:
         write_atomic(rundir / "config.json", lambda p: p.write_text(json.dumps(config, indent=1)))
 
     state = {"epoch": 0, "best_acc": -1.0, "best_epoch": -1, "history": [],
              "best_adapters": {k: v.detach().cpu().clone() for k, v in abmll.adapter_params(model).items()}}
     if args.resume and (rundir / "state.json").exists():
         state = load_checkpoint(rundir, model, opt, epochs)  # every problem is one RunError naming the file
-        print(f"resuming {rundir} after epoch {state['epoch']}", file=sys.stderr)
-    n_tasks = min(len(split.train), args.tasks_per_epoch or len(split.train))
+        if DIST.rank == 0:
+            print(f"resuming {rundir} after epoch {state['epoch']}", file=sys.stderr)
+    DIST.barrier()  # every rank has read the run directory before rank 0 writes to it
     progress = Progress((epochs - state["epoch"]) * n_tasks * cfg.inner_steps, epochs)
     for epoch in range(state["epoch"], epochs):
         t0 = time.time()
@@ -511,7 +734,8 @@ def run(args) -> dict:
         progress.end_line()
         t1, diag = time.time(), {} if args.method == "abmll" else None
         try:
-            val_rows = evaluate(model, split.test, "val", tok, args, cfg, diag=diag)[("none", 0)]
+            val_rows = evaluate(model, split.test, "val", tok, args, cfg, diag=diag,
+                                stream=("val", epoch))[("none", 0)]
         except (FloatingPointError, ValueError) as e:
             raise RunError(f"epoch {epoch + 1}, validation: {e}; " + (
                 f"the last good checkpoint (epoch {state['epoch']}) is in {rundir}" if state["epoch"]
@@ -521,14 +745,18 @@ def run(args) -> dict:
                     val_time_s=time.time() - t1, time_s=time.time() - t0)
         if diag:
             line["diag"] = diag
-        print(f"epoch {epoch + 1}: train loss {'-' if loss is None else f'{loss:.4f}'} | val acc {val['acc']:.3f} "
-              f"ece {val['ece']:.3f} nll {val['nll']:.3f} | {line['time_s']:.0f}s", file=sys.stderr)
         state["history"].append(line)
-        if val["acc"] > state["best_acc"]:
+        state["epoch"] = epoch + 1
+        best = val["acc"] > state["best_acc"]
+        if best:
             state["best_acc"], state["best_epoch"] = val["acc"], epoch + 1
             state["best_adapters"] = {k: v.detach().cpu().clone() for k, v in abmll.adapter_params(model).items()}
+        if DIST.rank != 0:  # the same state on every rank; rank 0 alone prints and writes it
+            continue
+        print(f"epoch {epoch + 1}: train loss {'-' if loss is None else f'{loss:.4f}'} | val acc {val['acc']:.3f} "
+              f"ece {val['ece']:.3f} nll {val['nll']:.3f} | {line['time_s']:.0f}s", file=sys.stderr)
+        if best:
             evaluation.write_predictions(rundir / "predictions" / "val-0.jsonl.gz", val_rows)  # the best epoch's
-        state["epoch"] = epoch + 1
         # metrics first: it is rebuilt from the whole history, and state.json is the commit point
         write_atomic(rundir / "metrics.jsonl",
                      lambda p: p.write_text("".join(json.dumps(h) + "\n" for h in state["history"])))
@@ -539,8 +767,10 @@ def run(args) -> dict:
             p.copy_(state["best_adapters"][k])
     final = test_and_record(model, split, tok, args, cfg, rundir)
     final |= dict(best_epoch=state["best_epoch"], wall_s=sum(h["time_s"] for h in state["history"]))
-    abmll.save_adapters(model, rundir / "adapters.safetensors") if args.method not in UNTRAINED else None
     final = {k: final[k] for k in ("method", "split", "seed", "best_epoch")} | final  # the old key order
+    if DIST.rank != 0:
+        return final
+    abmll.save_adapters(model, rundir / "adapters.safetensors") if args.method not in UNTRAINED else None
     write_atomic(rundir / "final.json", lambda p: p.write_text(json.dumps(final, indent=1)))
     print(f"{args.method} on {args.split} (seed {args.seed}): test accuracy {final['test_acc']:.3f}, "
           f"ECE {final['test_ece']:.3f}, NLL {final['test_nll']:.3f} over {final['n_test']} examples "
@@ -573,6 +803,14 @@ def parse_args(argv=None):
     p.add_argument("--max-held-out", type=int, default=None, help="only the first N held-out tasks (smoke runs; "
                    "default: all)")
     p.add_argument("--max-len", type=int, default=256, help="tokens per example (long questions lose their start)")
+    p.add_argument("--meta-batch", type=int, default=1, metavar="T", help="tasks per update, run side by side "
+                   "(under torchrun, task j of each meta-batch on rank j %% world): ABMLL's theta step on the mean "
+                   "of T tasks' outer gradients, Reptile's on the mean of their deltas, Regular / Structured LoRA "
+                   "step k on the mean gradient of T tasks' (pooled episodes') batch k; an epoch's last meta-batch "
+                   "is smaller when T does not divide its tasks; each task draws its own seeded noise; needs "
+                   "--inner-opt fresh. Default 1: an update per task")
+    p.add_argument("--fsdp", action="store_true", help="shard the frozen base with FSDP2 across ranks (torchrun, "
+                   "more than one process); the adapters stay replicated, held-out tasks run on every rank")
     p.add_argument("--inner-steps", type=int, default=d.inner_steps, help="K: steps per task and at test time")
     p.add_argument("--lr", type=float, default=None, help=f"Regular LoRA's learning rate (paper: {d.lr:g}; "
                    "default: the preset's, quick = 10x the paper's)")
@@ -639,7 +877,7 @@ def parse_args(argv=None):
     if args.kl == "mc" and args.noise == "weight":
         p.error("--kl mc: the one-sample KL is the authors' estimate on the layer outputs; it needs --noise activation")
     for flag in ("epochs", "tasks_per_epoch", "max_examples", "max_query", "max_val", "inner_steps", "rank", "eval_samples",
-                 "eval_batch", "max_len"):
+                 "eval_batch", "max_len", "meta_batch"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
@@ -660,7 +898,26 @@ def parse_args(argv=None):
     if args.dtype == "auto":
         args.dtype = "fp32" if args.device == "cpu" else "bf16"
     check_args(args, p)
+    check_parallel(args, p, world_size())
     return args
+
+
+def check_parallel(args, p, world: int):
+    """--meta-batch, --fsdp and torchrun's world size together (exit 2)."""
+    trains = args.compare or args.method not in UNTRAINED
+    if args.fsdp and world == 1:
+        p.error("--fsdp shards the base across ranks and needs more than one process: "
+                "torchrun --nproc-per-node N train.py ...")
+    if trains and world > args.meta_batch:
+        p.error(f"world size {world} > --meta-batch {args.meta_batch}: a rank would have no task; pass "
+                f"--meta-batch {world} or more (a multiple of {world} keeps every rank busy)")
+    if trains and args.meta_batch > 1 and args.inner_opt == "persistent" and (
+            args.compare or args.method in ("abmll", "reptile")):
+        p.error(f"--inner-opt persistent carries one inner AdamW from task to task, which tasks run side by side "
+                f"(--meta-batch {args.meta_batch}) do not have; pass --inner-opt fresh")
+    if args.fsdp and args.prune and "weight" in args.prune_mode:
+        p.error("--fsdp: --prune-mode weight ranks each whole weight matrix, which FSDP splits across ranks; "
+                "prune another mode or run without --fsdp")
 
 
 def check_args(args, p):
@@ -686,10 +943,12 @@ def check_args(args, p):
 
 
 def main(argv=None):
+    global DIST
     args = parse_args(argv)
     if args.device == "cpu" and os.environ.get("OMP_NUM_THREADS") is None:
         torch.set_num_threads(os.cpu_count() or 1)
     try:
+        DIST = init_ranks(args)
         if not args.compare:
             run(args)
             return
@@ -698,15 +957,20 @@ def main(argv=None):
             for method in METHODS:
                 rundir = Path(args.out) / args.split / method / f"seed{seed}"
                 if (rundir / "final.json").exists():
-                    print(f"{rundir}: done, skipped", file=sys.stderr)
+                    print(f"{rundir}: done, skipped", file=sys.stderr) if DIST.rank == 0 else None
                     continue
                 run(argparse.Namespace(**{**vars(args), "method": method, "seed": seed, "resume": True}))
-        print(f"comparison on {args.split} finished in {(time.time() - t0) / 60:.1f} min; "
-              f"tables: python eval.py report {args.out}")
+        if DIST.rank == 0:
+            print(f"comparison on {args.split} finished in {(time.time() - t0) / 60:.1f} min; "
+                  f"tables: python eval.py report {args.out}")
     except (RunError, OSError, SafetensorError, data.DataError) as e:  # a full disk at the last write too
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: continue with --resume (the last finished epoch is checkpointed)")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        DIST = Ranks()
 
 
 if __name__ == "__main__":
