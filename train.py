@@ -341,6 +341,12 @@ def epoch_tasks(split, epoch, args, cfg):
     return [("pooled", [picks[j:j + 2] for j in range(i, i + k, 2)], None) for i in range(0, need, k)]
 
 
+def task_batches(support, query, tok, args):
+    """A training task's K support batches and its query batch (or None), collated on the device."""
+    to = lambda b: to_device(data.collate(b, tok, args.max_len, args.prompt), args)  # noqa: E731
+    return [to(b) for b in support], None if query is None else to(query)
+
+
 def train_epoch(model, opt, split, epoch, tok, args, cfg, progress):
     losses, inner_opt = [], opt if args.inner_opt == "persistent" else None  # see build()
     if args.reptile_anneal == "linear":  # the authors' Reptile: eps = eps0 (1 - epoch / epochs)
@@ -348,8 +354,7 @@ def train_epoch(model, opt, split, epoch, tok, args, cfg, progress):
     if args.meta_batch > 1:
         return train_meta_batches(model, opt, split, epoch, tok, args, cfg, progress)
     for task, support, query in epoch_tasks(split, epoch, args, cfg):
-        batches = [to_device(data.collate(b, tok, args.max_len, args.prompt), args) for b in support]
-        query = None if query is None else to_device(data.collate(query, tok, args.max_len, args.prompt), args)
+        batches, query = task_batches(support, query, tok, args)
         progress.task = task
         with autocast(args):
             if args.method in ("lora", "structured"):  # persistent optimizer, no reset
@@ -377,8 +382,7 @@ def train_meta_batches(model, opt, split, epoch, tok, args, cfg, progress):
     episodes = list(enumerate(epoch_tasks(split, epoch, args, cfg)))
     for start in range(0, len(episodes), T):
         group = episodes[start:start + T]
-        mine = [(i, task, [to_device(data.collate(b, tok, args.max_len, args.prompt), args) for b in support],
-                 None if query is None else to_device(data.collate(query, tok, args.max_len, args.prompt), args))
+        mine = [(i, task, *task_batches(support, query, tok, args))
                 for j, (i, (task, support, query)) in enumerate(group) if j % DIST.world == DIST.rank]
         with autocast(args):
             if args.method in ("lora", "structured"):
