@@ -4,7 +4,7 @@
     python eval.py compare runs --split nli --prune 10 --resamples 5000 --out cmp/
 
 Predictions files (written by train.py through eval.write_predictions, one per run, part and
-pruning level; the run directories are described in eval.py):
+pruning level; the run directories are described in rundir.py):
 
     {root}/{split}/{method}/seed{N}/predictions/{part}-{prune}.jsonl.gz
 

@@ -28,7 +28,7 @@ torch.utils.checkpoint.checkpoint(use_reentrant=False).
 
 One workaround: BayesLoRALinear draws each forward's noise seed as int(torch.randint(2**62, ())),
 and a fake tensor has no value to give. Under the tracker a 0-d randint returns a constant fake
-tensor, which int() can read; any seed needs the same memory. abmll's torch.Generator and
+tensor, which int() can read; any seed needs the same memory. kernels.py's torch.Generator and
 randn(generator=...) (`_noise_rows`, `_act_eps`) work under FakeTensorMode unchanged.
 """
 
@@ -49,6 +49,7 @@ from torch.utils.checkpoint import checkpoint
 import abmll
 import bench
 import llama
+import perf
 
 GIB = 2**30
 VARIANTS = {"lora": ("lora", "weight"), "abmll_weight": ("abmll", "weight"),  # (method, noise)
@@ -91,7 +92,7 @@ class PeakTracker(TorchDispatchMode):
 def base_model(margs: llama.ModelArgs, dtype, fake: bool) -> llama.Transformer:
     """The frozen model: empty fake tensors (inside a FakeTensorMode), or random_model's weights."""
     if not fake:
-        return bench.random_model(margs, torch.device("cpu"), dtype)
+        return llama.random_model(margs, torch.device("cpu"), dtype)
     with torch.device("meta"):  # no init work; empty fakes of the same shapes take their places
         model = llama.Transformer(margs)
     state = {k: torch.empty(v.shape, dtype=dtype) for k, v in model.state_dict().items()}
@@ -171,7 +172,7 @@ def plan(margs: llama.ModelArgs, variant: str, batch: int, seq: int, dtype=torch
 def measure(margs, variant, batch, seq, dtype=torch.float32, checkpointing=False, steps=2,
             mmap_threshold=128 * 1024, **kw) -> int:
     """The same steps for real on this CPU, random weights: the rise of the process's peak RSS
-    (bench.peak_memory) over its RSS before the model is built. One step of the same job runs and is
+    (perf.peak_memory) over its RSS before the model is built. One step of the same job runs and is
     freed first, so torch's one-off initialization (kernels, thread pools) is not counted.
     glibc keeps freed blocks below its mmap threshold for reuse and raises the threshold (to 32 MiB)
     as big blocks are freed, so RSS holds memory no tensor uses; mallopt fixes the threshold for the
@@ -187,7 +188,7 @@ def measure(margs, variant, batch, seq, dtype=torch.float32, checkpointing=False
 
     job(1)
     gc.collect()  # a checkpointed model is a cycle (its blocks hold their wrapped forwards)
-    out = bench.peak_memory(job, torch.device("cpu"))
+    out = perf.peak_memory(job, torch.device("cpu"))
     if "peak_rss_rise_bytes" not in out:
         raise RuntimeError("measure: /proc/self/clear_refs cannot reset the peak RSS here")
     return out["peak_rss_rise_bytes"]

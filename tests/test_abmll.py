@@ -1,5 +1,6 @@
-"""abmll.py: closed forms against torch.distributions, gradients against gradcheck and a naive autograd
-reference, the four adapter tests, update-rule isolation, memory, save/load and the PEFT export."""
+"""abmll.py, lora.py, kernels.py, hf.py: closed forms against torch.distributions, gradients against
+gradcheck and a naive autograd reference, the four adapter tests, update-rule isolation, memory,
+save/load and the PEFT export."""
 
 import copy
 import math
@@ -10,6 +11,7 @@ import torch.nn as nn
 from torch.distributions import Gamma, Normal, kl_divergence
 
 import abmll
+import kernels
 import llama
 from abmll import BayesLoRALinear, LoRALinear, gaussian_kl, inject, neg_log_prior, param_groups
 
@@ -93,7 +95,7 @@ def test_neg_log_prior_matches_torch_distributions(a0, b0):
 @pytest.mark.parametrize("chunk", [None, 10])  # one chunk, and 2 rows a chunk
 def test_layer_sums_and_gradients_match_dense(monkeypatch, chunk):
     if chunk:
-        monkeypatch.setattr(abmll, "CHUNK", chunk)
+        monkeypatch.setattr(kernels, "CHUNK", chunk)
     m = bayes_layer()
     (mq, lq), (mp, lp) = dense(m, "phi"), dense(m, "theta")
     kl_ref, prior_ref = gaussian_kl(mq, lq, mp, lp).sum(), neg_log_prior(mp, lp, 2.5, 0.5).sum()
@@ -133,14 +135,14 @@ def test_fp32_sums_stay_accurate():
 @pytest.mark.parametrize("chunk", [None, 10])  # one chunk, and 2 rows a chunk
 def test_sampled_linear_gradcheck(monkeypatch, chunk):
     if chunk:
-        monkeypatch.setattr(abmll, "CHUNK", chunk)
+        monkeypatch.setattr(kernels, "CHUNK", chunk)
     torch.manual_seed(0)
     d = torch.float64
     x = torch.randn(2, 3, 5, dtype=d, requires_grad=True)
     w0 = torch.randn(4, 5, dtype=d)
     Bm, Bv = ((0.3 * torch.randn(4, 2, dtype=d)).requires_grad_() for _ in range(2))
     Am, Av = ((0.3 * torch.randn(2, 5, dtype=d)).requires_grad_() for _ in range(2))
-    f = lambda x, Bm, Am, Bv, Av: abmll._SampledLinear.apply(x, w0, Bm, Am, Bv, Av, 2.0, -1.0, 1234)  # fixed seed
+    f = lambda x, Bm, Am, Bv, Av: kernels.SampledLinear.apply(x, w0, Bm, Am, Bv, Av, 2.0, -1.0, 1234)  # fixed seed
     assert torch.autograd.gradcheck(f, (x, Bm, Am, Bv, Av))
     # and the forward is the intended sample: x (W0 + sigma * eps)^T with eps from the seeded generator
     if chunk is None:

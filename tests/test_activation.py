@@ -1,6 +1,7 @@
-"""abmll.py's activation-space Bayesian LoRA (the authors' code): the layer's sampling against its stated
-mean and variance, the KL against torch.distributions, the MC KL's convergence, the prior against Normal and
-Gamma log_prob, gradients against gradcheck, and the first-order (FOMAML) outer gradient against autograd."""
+"""lora.py's / kernels.py's activation-space Bayesian LoRA (the authors' code): the layer's sampling
+against its stated mean and variance, the KL against torch.distributions, the MC KL's convergence,
+the prior against Normal and Gamma log_prob, gradients against gradcheck, and the first-order
+(FOMAML) outer gradient against autograd."""
 
 import copy
 

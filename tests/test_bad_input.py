@@ -21,6 +21,7 @@ import abmll
 import data
 import fetch
 import llama
+import resume
 import train
 from test_train import cmd, tiny  # noqa: F401 (tiny is a fixture)
 
@@ -140,7 +141,7 @@ def checkpointed(run_dir):
     opt.step()
     state = {"epoch": 1, "best_acc": 0.5, "best_epoch": 1, "history": [{"epoch": 1}],
              "best_adapters": {k: v.detach().clone() for k, v in params.items()}}
-    train.save_checkpoint(run_dir, model, opt, state)
+    resume.save_checkpoint(run_dir, model, opt, state)
     return model, opt, state
 
 
@@ -164,16 +165,16 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write_text(self, *a, **kw)
 
-    for target, fake in ((train, full_disk), (train, rust_full_disk), (Path, state_json_full)):
+    for target, fake in ((resume, full_disk), (resume, rust_full_disk), (Path, state_json_full)):
         with monkeypatch.context() as m:
-            m.setattr(target, "save_file" if target is train else "write_text", fake)
+            m.setattr(target, "save_file" if target is resume else "write_text", fake)
             with pytest.raises(train.RunError) as e:
-                train.save_checkpoint(tmp_path, model, opt, later)
+                resume.save_checkpoint(tmp_path, model, opt, later)
         msg = str(e.value)
         assert msg.startswith(f"{tmp_path}/ckpt-2.safetensors: cannot write the checkpoint of epoch 2 (") and \
             msg.endswith("the previous checkpoint and state.json are left as they were") and "\n" not in msg
         assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing half-written left
-    assert train.load_checkpoint(tmp_path, model, opt, 2)["epoch"] == 1
+    assert resume.load_checkpoint(tmp_path, model, opt, 2)["epoch"] == 1
 
 
 def _bad_checkpoint(run_dir, case):
@@ -218,7 +219,7 @@ def test_bad_state_json_or_checkpoint_is_one_line(tmp_path, case, needle):
     model, opt, _ = checkpointed(tmp_path)
     _bad_checkpoint(tmp_path, case)
     with pytest.raises(train.RunError) as e:
-        train.load_checkpoint(tmp_path, model, opt, 2)
+        resume.load_checkpoint(tmp_path, model, opt, 2)
     msg = str(e.value)
     assert needle in msg and msg.endswith("cannot resume (start the run again with another --out)"), msg
     assert "\n" not in msg

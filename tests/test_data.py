@@ -6,8 +6,11 @@ import os
 import pytest
 import torch
 
+import abmll
+import benchmark
 import data
 import fetch
+import prompt
 
 
 class CharTok:
@@ -65,7 +68,7 @@ def test_filter_keeps_2_to_4_options_with_output_among_them(tmp_path):
         {"task": "t", "input": "twice", "output": "a", "options": ["a", "a", "b"]},
     ])
     report = data.Counter()
-    kept = data._keep("t", data._read_rows(p), report)
+    kept = prompt.keep("t", data._read_rows(p), report)
     assert [(e.input, e.label) for e in kept] == [("two", 1), ("four", 3)]
     assert report == {"kept": 2, "more than 4 options": 1, "output not among options": 1,
                       "fewer than 2 options": 2, "output matches several options": 1}
@@ -157,11 +160,11 @@ def test_truncation_cuts_the_question_start_never_the_choices():
         data.collate([e], tok, max_len=50)
 
 
-def test_letter_probs_softmax_over_this_examples_letters():
+def test_predictive_probs_softmax_over_this_examples_letters():
     tok = CharTok()
     b = data.collate([ex(options=["a", "b"]), ex(options=["a", "b", "c", "d"], label=3)], tok)
     logits = torch.randn(2, 200)
-    p = data.letter_probs(logits, b)
+    p = abmll.predictive_probs(lambda tokens, logits_at: logits[:, None], b, b["letter_ids"])  # (B, 1, V) model
     assert torch.allclose(p[0, :2], logits[0, [68, 69]].softmax(-1)) and (p[0, 2:] == 0).all()
     assert torch.allclose(p[1], logits[1, [68, 69, 70, 71]].softmax(-1))
 
@@ -193,17 +196,17 @@ def test_paper_splits_load_disjoint_and_deterministic(paper_dir):
     counts = {"cls-45": (34, 15), "cls-23": (28, 15), "nli": (41, 8), "para": (46, 4), "mcqa": (18, 12)}
     for name, (n_train, n_test) in counts.items():
         s = data.load_split(name, paper_dir)
-        assert (len(s.train), len(s.test)) == (n_train, n_test), name
-        assert not set(s.train) & set(s.test)  # 'sick' is in both of the paper's NLI lists
+        assert (len(s.train), len(s.held_out)) == (n_train, n_test), name
+        assert not set(s.train) & set(s.held_out)  # 'sick' is in both of the paper's NLI lists
     a, b = data.load_split("nli", paper_dir, seed=0), data.load_split("nli", paper_dir, seed=0)
     c = data.load_split("nli", paper_dir, seed=1)
-    assert a.test["anli"] == b.test["anli"] and a.test["anli"].support != c.test["anli"].support
-    h = a.test["anli"]
+    assert a.held_out["anli"] == b.held_out["anli"] and a.held_out["anli"].support != c.held_out["anli"].support
+    h = a.held_out["anli"]
     assert len(h.support) == 10 and len(h.val) == 14 and len(h.test) == 14
     assert {e.input for e in h.support}.isdisjoint({e.input for e in h.val} | {e.input for e in h.test})
     assert all("dev" in e.input for e in h.val) and all("test" in e.input for e in h.test)
     capped = data.load_split("nli", paper_dir, max_query=5, max_examples=7)
-    assert len(capped.test["anli"].val) == 5 and len(capped.train["imdb"]) == 7
+    assert len(capped.held_out["anli"].val) == 5 and len(capped.train["imdb"]) == 7
 
 
 def test_missing_tasks_fail_with_one_message_listing_all(paper_dir):
@@ -244,23 +247,23 @@ def test_epoch_episodes_k_batches_of_2_deterministic():
 
 
 def test_category_rules():
-    assert data.category("Determine whether the first sentence entails or contradicts the second") == "nli"
-    assert data.category("For a given proverb, choose a proverb which is closest in meaning") == "para"
-    assert data.category("Answer questions about social situations") == "mcqa"
-    assert data.category("Classify the sentiment of a movie review") == "cls"
+    assert benchmark.category("Determine whether the first sentence entails or contradicts the second") == "nli"
+    assert benchmark.category("For a given proverb, choose a proverb which is closest in meaning") == "para"
+    assert benchmark.category("Answer questions about social situations") == "mcqa"
+    assert benchmark.category("Classify the sentiment of a movie review") == "cls"
 
 
 def test_offline_split_excludes_held_out_families():
     meta = {"nli_a": "nli", "nli_b": "nli", "fam-x": "cls", "fam-y": "mcqa", "other": "cls", "q": "mcqa"}
     meta = {t: {"category": c} for t, c in meta.items()}
     held = {"nli": ["nli_a", "nli_b"], "cls": ["fam-x"], "mcqa": ["q"], "para": []}
-    orig = data.OFFLINE_HELD_OUT
-    data.OFFLINE_HELD_OUT = held
+    orig = benchmark.OFFLINE_HELD_OUT
+    benchmark.OFFLINE_HELD_OUT = held
     try:
-        assert data.offline_split("nli", meta) == (["fam-x", "fam-y", "other", "q"], ["nli_a", "nli_b"])
-        assert data.offline_split("cls", meta) == (["other"], ["fam-x"])  # fam-y shares fam-x's family
+        assert benchmark.offline_split("nli", meta) == (["fam-x", "fam-y", "other", "q"], ["nli_a", "nli_b"])
+        assert benchmark.offline_split("cls", meta) == (["other"], ["fam-x"])  # fam-y shares fam-x's family
     finally:
-        data.OFFLINE_HELD_OUT = orig
+        benchmark.OFFLINE_HELD_OUT = orig
 
 
 def test_stats_json_on_an_offline_layout(tmp_path, monkeypatch, capsys):
@@ -270,7 +273,7 @@ def test_stats_json_on_an_offline_layout(tmp_path, monkeypatch, capsys):
     write_task(tmp_path, "e1", True)
     write_task(tmp_path, "e2", True)
     (tmp_path / "tasks.json").write_text(json.dumps({"tasks": {t: {"category": c} for t, c in meta.items()}}))
-    monkeypatch.setitem(data.OFFLINE_HELD_OUT, "nli", ["e1", "e2"])
+    monkeypatch.setitem(benchmark.OFFLINE_HELD_OUT, "nli", ["e1", "e2"])
     data.main(["stats", "--split", "nli", "--data-dir", str(tmp_path), "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out == {"train": {"c1": 14, "c2": 14, "m1": 14}, "test": {"e1": 70, "e2": 70}}
@@ -281,25 +284,25 @@ def test_bad_archive_is_not_used(tmp_path, monkeypatch):
     (tmp_path / "archives").mkdir()
     (tmp_path / "archives" / "bigbench-1.0.0.tar.gz").write_bytes(b"not the archive")
     with pytest.raises(fetch.FetchError, match=r"bigbench-1.0.0.tar.gz is corrupted \(sha256 .*\): delete it to fetch"):
-        data.prepare()
+        benchmark.prepare()
     assert not list(tmp_path.glob("benchmark*"))  # no half-built benchmark, no temp dir left
     monkeypatch.setattr(fetch, "archive", lambda spec: tmp_path / "archives" / "bigbench-1.0.0.tar.gz")
     with pytest.raises(data.DataError, match="bigbench-1.0.0.tar.gz: unreadable archive"):
-        data.prepare()
+        benchmark.prepare()
     assert not list(tmp_path.glob("benchmark*"))  # no half-built benchmark, no temp dir left
 
 
 def test_built_benchmark_splits():
     """The real offline benchmark, when `python data.py prepare` has built it (not built here)."""
-    meta_path = data.benchmark_dir() / "tasks.json"
-    if not meta_path.exists() or json.loads(meta_path.read_text()).get("stamp") != data._stamp():
+    meta_path = benchmark.benchmark_dir() / "tasks.json"
+    if not meta_path.exists() or json.loads(meta_path.read_text()).get("stamp") != benchmark._stamp():
         pytest.skip("offline benchmark not built (python data.py prepare)")
     meta = json.loads(meta_path.read_text())["tasks"]
-    for split in data.OFFLINE_HELD_OUT:
-        train, test = data.offline_split(split, meta)
+    for split in benchmark.OFFLINE_HELD_OUT:
+        train, test = benchmark.offline_split(split, meta)
         assert len(train) >= 20 and len(test) >= 4, split
         assert all(meta[t]["category"] == split for t in test), split
-        assert not {data.family(t) for t in train} & {data.family(t) for t in test}, split
+        assert not {benchmark.family(t) for t in train} & {benchmark.family(t) for t in test}, split
 
 
 def test_held_out_parts_are_deduplicated(tmp_path, monkeypatch):
@@ -309,7 +312,7 @@ def test_held_out_parts_are_deduplicated(tmp_path, monkeypatch):
     write_jsonl(tmp_path / "b" / "b_16_100_train.jsonl", support)
     write_jsonl(tmp_path / "b" / "b_16_100_dev.jsonl", support + fresh[:4])
     write_jsonl(tmp_path / "b" / "b_16_100_test.jsonl", support + fresh)
-    h = data.load_split("tiny", tmp_path).test["b"]
+    h = data.load_split("tiny", tmp_path).held_out["b"]
     s, v, t = ({e.input for e in x} for x in (h.support, h.val, h.test))
     assert not (s & v or s & t or v & t)
     assert len(v) == 6 + 4 and len(t) == 4  # 6 unused support examples, the 4 fresh dev; 4 fresh left for test
@@ -358,7 +361,7 @@ def test_report_summary_counts_drops_and_warns(tmp_path, monkeypatch):
     dev = tmp_path / "c" / "c_16_100_dev.jsonl"
     (tmp_path / "c" / "c_16_100_test.jsonl").write_text(dev.read_text())  # test = dev: nothing left to test
     s = data.load_split("tiny", tmp_path)
-    assert s.test["c"].test == [] and len(s.test["b"].test) == 30
+    assert s.held_out["c"].test == [] and len(s.held_out["b"].test) == 30
     lines, details = data.report_summary(s)
     assert lines[0] == ("data tiny: 1 training task, kept 20 of 29 lines (dropped 1 options not a list of strings, "
                         "8 output not among options), using 20 training examples")

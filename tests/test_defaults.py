@@ -14,6 +14,7 @@ import pytest
 
 import eval as evaluation
 import fetch
+import prune
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHED = all((fetch.cache_dir() / "archives" / name).exists() for name, _ in fetch.ARCHIVES.values())
@@ -35,18 +36,18 @@ def train(out, method, *extra):
 def abmll_run(tmp_path_factory):
     # scored with the posterior mean, so that two scorings differ only by what pruning or adaptation did
     return train(tmp_path_factory.mktemp("defaults"), "abmll", "--eval-noise", "mean", "--prune", "0", "30", "--prune-mode",
-                 *evaluation.PRUNE_MODES, "--adapt-curve", "0", "1", "2")
+                 *prune.PRUNE_MODES, "--adapt-curve", "0", "1", "2")
 
 
 def test_four_pruning_modes_on_smollm2(abmll_run):
     final, _, pred = abmll_run
-    assert final["n_test"] == 2 and set(final["pruning_modes"]) == set(evaluation.PRUNE_MODES)
-    for mode in evaluation.PRUNE_MODES:
+    assert final["n_test"] == 2 and set(final["pruning_modes"]) == set(prune.PRUNE_MODES)
+    for mode in prune.PRUNE_MODES:
         rows = evaluation.read_predictions(pred / f"test-{mode}-30.jsonl.gz")
         assert evaluation.metrics(rows)["acc"] == final["pruning_modes"][mode]["acc"]["30"]
     # pruning 30% changes the letter probabilities (a mode that pruned nothing would leave them as they were)
     unpruned = [r["probs"] for r in evaluation.read_predictions(pred / "test-0.jsonl.gz")]
-    for mode in evaluation.PRUNE_MODES:
+    for mode in prune.PRUNE_MODES:
         assert [r["probs"] for r in evaluation.read_predictions(pred / f"test-{mode}-30.jsonl.gz")] != unpruned, mode
 
 

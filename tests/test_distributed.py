@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import abmll
 import eval as evaluation
 import llama
+import ranks
 import train
 from test_train import cmd, run, tiny  # noqa: F401 (tiny is a fixture)
 
@@ -85,8 +86,8 @@ def test_fsdp_shards_the_base_and_computes_the_same(runs):
 def test_fsdp_with_a_rank_left_idle_is_one_line(tiny, tmp_path, monkeypatch):  # noqa: F811
     """Sharded forwards run in lockstep: 3 tasks in meta-batches of 2 leave one for 2 ranks. Checked before
     anything is sharded, so this rank's view of 2 ranks is enough (no process group)."""
-    monkeypatch.setattr(train, "DIST", train.Ranks(rank=0, world=2, fsdp=True))
-    monkeypatch.setattr(train.Ranks, "barrier", lambda self: None)
+    monkeypatch.setattr(ranks, "DIST", ranks.Ranks(rank=0, world=2, fsdp=True))
+    monkeypatch.setattr(ranks.Ranks, "barrier", lambda self: None)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     args = train.parse_args(cmd(tiny, tmp_path, *FLAGS)[2:])
     with pytest.raises(train.RunError, match="--fsdp: every rank must run as many tasks .* leave 1 for 2 ranks"):
@@ -177,7 +178,7 @@ def test_one_update_per_meta_batch_from_the_mean_of_its_tasks(method):
     group = "theta" if method == "abmll" else "lora"
     opt_a, opt_b = (torch.optim.AdamW(abmll.param_groups(m)[group].values(), lr=1e-3) for m in (a, b))
     if method == "lora":
-        train._mean_steps(a, opt_a, tasks, 2, 2)
+        ranks.mean_steps(a, opt_a, tasks, 2, 2)
         params = list(abmll.param_groups(b)["lora"].values())
         for k in range(2):
             grads = [torch.autograd.grad(abmll.nll_loss(b, t[2][k]), params) for t in tasks]
@@ -185,11 +186,11 @@ def test_one_update_per_meta_batch_from_the_mean_of_its_tasks(method):
                 p.grad = (g0 + g1) / 2
             opt_b.step()
     else:
-        train._mean_update(a, opt_a, tasks, 2, 5, args, CFG)
+        ranks.mean_update(a, opt_a, tasks, 2, 5, args, CFG)
         own = []
         update = abmll.reptile_delta if method == "reptile" else abmll.abmll_task_grads
         for i, _, batches, _ in tasks:
-            with train.task_stream(args, 5, i):  # the stream of task i of epoch 5
+            with ranks.task_stream(args, 5, i):  # the stream of task i of epoch 5
                 own.append(update(b, batches, CFG)[0])
         with torch.no_grad():
             if method == "reptile":
@@ -212,13 +213,13 @@ def test_a_nan_on_another_rank_stops_this_one_before_any_change(monkeypatch):
     def other_rank(flag):  # the other rank's [1, 1, 1] and its flag, as the all-reduce would add them
         return lambda flat: flat.add_(torch.tensor([1.0, 1.0, 1.0, flag]))
 
-    monkeypatch.setattr(train.dist, "all_reduce", other_rank(1.0))
-    ranks, grads = train.Ranks(rank=0, world=2), [torch.zeros(2), torch.zeros(1)]
+    monkeypatch.setattr(ranks.dist, "all_reduce", other_rank(1.0))
+    two, grads = ranks.Ranks(rank=0, world=2), [torch.zeros(2), torch.zeros(1)]
     with pytest.raises(FloatingPointError, match="non-finite loss on another rank"):
-        ranks.sum_(grads)
+        two.sum_(grads)
     assert all(not g.any() for g in grads)
-    monkeypatch.setattr(train.dist, "all_reduce", other_rank(0.0))
-    ranks.sum_(grads)
+    monkeypatch.setattr(ranks.dist, "all_reduce", other_rank(0.0))
+    two.sum_(grads)
     assert [g.tolist() for g in grads] == [[1.0, 1.0], [1.0]]
 
 

@@ -1,6 +1,7 @@
-"""llama.py against independent references: transformers' LlamaForCausalLM (HF safetensors,
-Meta layout, GGUF), Hugging Face tokenizers, sentencepiece. Every checkpoint and tokenizer here
-is made by the test itself; the real SmolLM2 GGUF is used only when it is already cached."""
+"""llama.py, loaders.py, tokenizer.py and hf.py against independent references: transformers'
+LlamaForCausalLM (HF safetensors, Meta layout, GGUF), Hugging Face tokenizers, sentencepiece.
+Every checkpoint and tokenizer here is made by the test itself; the real SmolLM2 GGUF is used
+only when it is already cached."""
 
 import base64
 import json
@@ -14,7 +15,9 @@ import pytest
 import torch
 
 import llama
-from llama import LoadError, ModelArgs, Tokenizer, Transformer, load
+import tokenizer
+from llama import LoadError, ModelArgs, Transformer, load
+from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = [
@@ -189,7 +192,7 @@ def train_hf_tokenizer(kind: str, specials=("<|endoftext|>", "<|im_start|>", "<|
                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
     elif kind == "llama3":
         tk.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(llama.LLAMA3_PATTERN), behavior="isolated"),
+            pre_tokenizers.Split(Regex(tokenizer.LLAMA3_PATTERN), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     else:
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -215,7 +218,7 @@ def test_hf_tokenizer_json_matches_tokenizers(tmp_path, kind):
 
 def test_llama3_tiktoken_model_file_matches_tokenizers(tmp_path):
     ref = train_hf_tokenizer("llama3", specials=())
-    dec = llama._byte_decoder()
+    dec = tokenizer._byte_decoder()
     lines = [f"{base64.b64encode(bytes(dec[c] for c in t)).decode()} {i}"
              for t, i in sorted(ref.get_vocab().items(), key=lambda kv: kv[1])]
     (tmp_path / "tokenizer.model").write_text("\n".join(lines) + "\n")

@@ -14,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import bench
 import llama
+import perf
 import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +78,7 @@ def test_plans_llama3_8b_without_its_weights():
     t0 = time.perf_counter()
     def run():
         R.update(plan.plan(margs, "lora", 2, 512, torch.bfloat16, steps=1))
-    rss = bench.peak_memory(run, torch.device("cpu"))
+    rss = perf.peak_memory(run, torch.device("cpu"))
     seconds = time.perf_counter() - t0
     assert R["weight_bytes"] == 2 * n  # the frozen base, in bf16
     # fp32 adapters, rank 8 on wq (4096 -> 4096), wv (4096 -> 1024), wo (4096 -> 4096) of 32 blocks

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import benchmark
 import data
 import eval as evaluation
 import llama
+import prune
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +37,7 @@ def tiny(tmp_path_factory):
     (model_dir / "tokenizer.model").write_text(
         "".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
     data_dir = root / "data"
-    held = data.OFFLINE_HELD_OUT["nli"]
+    held = benchmark.OFFLINE_HELD_OUT["nli"]
     meta = {t: {"category": "nli"} for t in held} | {f"train{i}": {"category": "cls"} for i in range(3)}
     data_dir.mkdir()
     (data_dir / "tasks.json").write_text(json.dumps({"tasks": meta}))
@@ -94,12 +96,12 @@ def test_every_method_runs_and_writes_the_run_layout(tiny, tmp_path, method):
 
 
 def test_pruning_modes_adaptation_curve_and_diagnostics(tiny, tmp_path):
-    r = run(cmd(tiny, tmp_path, "--epochs", "1", "--prune", "0", "20", "--prune-mode", *evaluation.PRUNE_MODES,
+    r = run(cmd(tiny, tmp_path, "--epochs", "1", "--prune", "0", "20", "--prune-mode", *prune.PRUNE_MODES,
                 "--adapt-curve", "0", "1", "3", "--eval-samples", "2"))
     assert r.returncode == 0, r.stderr[-2000:]
     final, hist = results(tmp_path)
     d = tmp_path / "nli" / "abmll" / "seed0" / "predictions"
-    for mode in evaluation.PRUNE_MODES:
+    for mode in prune.PRUNE_MODES:
         by = final["pruning_modes"][mode]
         assert by["acc"]["0"] == final["test_acc"]
         rows = evaluation.read_predictions(d / f"test-{mode}-20.jsonl.gz")
@@ -230,7 +232,7 @@ def test_test_lr_and_max_held_out(tiny, tmp_path):
     pred = [tmp_path / lr / "nli" / "abmll" / "seed0" / "predictions" for lr in finals]
     curve = [[evaluation.read_predictions(p / f"adapt{k}-0.jsonl.gz") for k in (0, 2)] for p in pred]
     assert curve[0][0] == curve[1][0] and curve[0][1] != curve[1][1]
-    assert {r["task"] for r in curve[0][0]} == set(data.OFFLINE_HELD_OUT["nli"][:2])
+    assert {r["task"] for r in curve[0][0]} == set(benchmark.OFFLINE_HELD_OUT["nli"][:2])
 
 
 def test_presets_set_learning_rates_unless_given():
