@@ -63,9 +63,8 @@ class Check:
 
     def save(self):
         self.S["elapsed_s"] = time.time() - self.t0
-        tmp = self.out / "summary.json.tmp"
-        tmp.write_text(json.dumps(self.S, indent=1))
-        os.replace(tmp, self.out / "summary.json")
+        import resume  # train.py's atomic JSON write: a kill leaves the last summary whole
+        resume.write_json(self.out / "summary.json", self.S)
 
     def run(self, name: str, cmd: list[str], cap: float) -> dict:
         """cmd under min(cap, what is left of the budget), its output appended to the log; a
