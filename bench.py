@@ -75,7 +75,7 @@ class Setup:
     jobs: dict = field(default_factory=dict)  # name -> Job
     hf: object = None  # the reference: transformers' model and peft's, on the same weights
     peft: object = None
-    peak: dict = field(default_factory=dict)  # "fp32" / "bf16" -> GEMM FLOP/s, measured now
+    peak: dict = field(default_factory=dict)  # key suffix -> "fp32" / "bf16" -> GEMM FLOP/s, now
     exclude: set = field(default_factory=set)  # every model's storages: resident, never "saved"
 
 
@@ -204,14 +204,39 @@ def forward(model, tokens, **kw):
     return f
 
 
+def thread_counts(S: Setup) -> dict[str, int]:
+    """Key suffix -> CPU threads: the full count ("", today's keys) and, on a CPU with more than
+    one thread, one thread ("_1t") in the same rounds."""
+    full = torch.get_num_threads()
+    one = S.device.type == "cpu" and full > 1 and not S.args.no_1t
+    return {"": full, **({"_1t": 1} if one else {})}
+
+
+def at_threads(fn, n: int):
+    """fn run with n torch CPU threads, the previous count restored after."""
+    def f():
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+    return f
+
+
 def speed(S: Setup, R: dict):
-    """This machine's dense matmul peak now, then every job in the same interleaved rounds:
-    median seconds, tokens/s, model FLOPs and their fraction of the peak (MFU: of a GPU's
-    nominal peak)."""
+    """This machine's dense matmul peak now, then every job in the same interleaved rounds, at
+    each thread count of `thread_counts` (a round runs every job at N threads, then at 1): median
+    seconds, tokens/s, model FLOPs and their fraction of that count's peak (MFU: of a GPU's
+    nominal peak), and each job's scaling, its 1-thread time over its N-thread time."""
     n = 1024 if S.args.quick else (8192 if S.device.type == "cuda" else 2048)
-    S.peak = {p: perf.gemm_flops(S.device, getattr(torch, dt), n, max(S.repeats, 5))
-              for p, dt in (("fp32", "float32"), ("bf16", "bfloat16"))}
-    R["gemm_fp32_flops"], R["gemm_bf16_flops"] = S.peak["fp32"], S.peak["bf16"]
+    counts = thread_counts(S)
+    R["thread_counts"] = list(counts.values())
+    for x, t in counts.items():
+        S.peak[x] = {p: at_threads(partial(perf.gemm_flops, S.device, getattr(torch, dt), n,
+                                           max(S.repeats, 5)), t)()
+                     for p, dt in (("fp32", "float32"), ("bf16", "bfloat16"))}
+        R[f"gemm_fp32_flops{x}"], R[f"gemm_bf16_flops{x}"] = S.peak[x]["fp32"], S.peak[x]["bf16"]
     if S.device.type == "cuda":
         R["nominal_bf16_peak_flops"] = perf.nominal_bf16_peak(R["device_name"])
     tokens, at = S.batch["tokens"], S.batch["answer_pos"][:, None]
@@ -222,15 +247,22 @@ def speed(S: Setup, R: dict):
         timed["transformers_scoring_forward"] = forward(S.hf, tokens, use_cache=False,
                                                         logits_to_keep=2)
     timed.update({k: step_fn(job.loss, job.opt) for k, job in S.jobs.items()})
-    for k, t in perf.medians(timed, S.repeats, S.device).items():
-        R[f"{k}_s"] = t
-        R[f"{k}_tokens_per_s"] = S.B * S.T / t
+    rounds = {(k, x): at_threads(f, t) for x, t in counts.items() for k, f in timed.items()}
+    for (k, x), t in perf.medians(rounds, S.repeats, S.device).items():
+        R[f"{k}_s{x}"] = t
+        R[f"{k}_tokens_per_s{x}"] = S.B * S.T / t
     R["forward_flops"] = perf.model_flops(S.base.args, S.B, S.T, S.B * S.T, None)
-    R["forward_fraction_of_gemm_peak"] = R["forward_flops"] / R["forward_s"] / S.peak[S.peak_of]
-    for k, job in S.jobs.items():
-        R[f"{k}_flops"] = perf.model_flops(S.base.args, S.B, S.T, S.B, job.method)
-        R[f"{k}_fraction_of_gemm_peak"] = R[f"{k}_flops"] / R[f"{k}_s"] / S.peak[job.against]
-        if R.get("nominal_bf16_peak_flops"):
+    for x in counts:
+        R[f"forward_fraction_of_gemm_peak{x}"] = (R["forward_flops"] / R[f"forward_s{x}"]
+                                                  / S.peak[x][S.peak_of])
+        for k, job in S.jobs.items():
+            R[f"{k}_flops"] = perf.model_flops(S.base.args, S.B, S.T, S.B, job.method)
+            peak = S.peak[x][job.against]
+            R[f"{k}_fraction_of_gemm_peak{x}"] = R[f"{k}_flops"] / R[f"{k}_s{x}"] / peak
+    for k in timed:
+        if "_1t" in counts:
+            R[f"{k}_thread_scaling"] = R[f"{k}_s_1t"] / R[f"{k}_s"]
+        if R.get("nominal_bf16_peak_flops") and k in S.jobs:
             R[f"{k}_mfu"] = R[f"{k}_flops"] / R[f"{k}_s"] / R["nominal_bf16_peak_flops"]
 
 
@@ -298,7 +330,7 @@ def over_seq(S: Setup, R: dict):
             R[f"{m}_seq_{s}_step_s"] = med[m]
             R[f"{m}_seq_{s}_saved_bytes"] = perf.saved_bytes(losses[m], S.exclude)
             flops = perf.model_flops(margs, S.B, s, S.B, m)
-            R[f"{m}_seq_{s}_fraction_of_gemm_peak"] = flops / med[m] / S.peak[S.peak_of]
+            R[f"{m}_seq_{s}_fraction_of_gemm_peak"] = flops / med[m] / S.peak[""][S.peak_of]
         R[f"abmll_vs_lora_step_time_seq_{s}"] = med["abmll"] / med["lora"]
         saved = R[f"abmll_seq_{s}_saved_bytes"] / R[f"lora_seq_{s}_saved_bytes"]
         R[f"abmll_vs_lora_saved_bytes_seq_{s}"] = saved
@@ -339,7 +371,11 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, help="tokens per sequence (default: 256 on CPU, 512 on CUDA)")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed rounds after the warm-up; figures are medians")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="torch CPU threads, the full count (default: "
+                   "torch's choice, one per core); on a CPU every speed figure is also measured "
+                   "at one thread, in the same rounds (keys *_1t)")
+    p.add_argument("--no-1t", action="store_true", help="skip the one-thread figures (half the "
+                   "speed section's time)")
     p.add_argument("--quick", action="store_true",
                    help="2 rounds, short growth sweeps, a small GEMM: a smoke run")
     p.add_argument("--no-reference", action="store_true",

@@ -51,12 +51,18 @@ ROWS = {"forward (ours, all logits)": "forward", "forward (transformers)": "tran
 
 
 def ratios(R: dict):
-    """Every ratio whose two figures this run has; the reference's headline ones else null."""
+    """Every ratio whose two figures this run has, at the full thread count and (keys *_1t, from
+    the *_s_1t times; bytes do not depend on threads) at one; the reference's headline ones else
+    null."""
     for k, (num, den) in RATIOS.items():
         if num in R and den in R:
             R[k] = R[num] / R[den]
         elif k in NULL_WHEN_SKIPPED:
             R[k] = None
+        if f"{num}_1t" in R and f"{den}_1t" in R:
+            R[f"{k}_1t"] = R[f"{num}_1t"] / R[f"{den}_1t"]
+        elif k in NULL_WHEN_SKIPPED and "gemm_fp32_flops_1t" in R:
+            R[f"{k}_1t"] = None
 
 
 def fmt(v, unit=""):
@@ -79,8 +85,12 @@ def print_table(R: dict):
     print(f"# matmul peak now: fp32 {R['gemm_fp32_flops'] / 1e9:,.1f} GFLOP/s, "
           f"bf16 {R['gemm_bf16_flops'] / 1e9:,.1f} GFLOP/s"
           + (f"; nominal bf16 {nominal / 1e12:.0f} TFLOP/s" if nominal else ""))
+    one = "gemm_fp32_flops_1t" in R  # one-thread figures too
+    if one:
+        print(f"# at 1 thread: fp32 {R['gemm_fp32_flops_1t'] / 1e9:,.1f} GFLOP/s, "
+              f"bf16 {R['gemm_bf16_flops_1t'] / 1e9:,.1f} GFLOP/s")
     head = ["job", "median", "tokens/s", "of peak", "saved for bwd", "peak RSS", "RSS rise"]
-    head += ["CUDA peak", "MFU"] * cuda
+    head += ["CUDA peak", "MFU"] * cuda + ["1 thread", "of peak (1t)", "scaling"] * one
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for label, k in ROWS.items():
         if f"{k}_s" not in R:
@@ -91,11 +101,16 @@ def print_table(R: dict):
         cells += [fmt(g(f"{k}_{m}"), "B") for m in sizes]
         if cuda:
             cells += [fmt(g(f"{k}_cuda_peak_bytes"), "B"), fmt(g(f"{k}_mfu"))]
+        if one:
+            cells += [fmt(g(f"{k}_s_1t"), "s"), fmt(g(f"{k}_fraction_of_gemm_peak_1t")),
+                      fmt(g(f"{k}_thread_scaling"))]
         print("| " + " | ".join(cells) + " |")
     print()
+    if one:
+        print(f"{'':<44} {R['threads']:>6} threads  1 thread")
     for k in PRINTED:
         if g(k) is not None:
-            print(f"{k:<44} {fmt(R[k])}")
+            print(f"{k:<44} {fmt(R[k]):>14}" + (f"  {fmt(g(f'{k}_1t'))}" if one else ""))
 
 
 def print_growth(R: dict):

@@ -62,6 +62,28 @@ def test_smoke_with_transformers_and_peft(tmp_path, monkeypatch):
     assert R["lora_loss_abs_diff_vs_peft"] < 1e-5  # and the same loss (labels -100 but the answer)
 
 
+def test_one_thread_figures_beside_the_full_count(tmp_path, monkeypatch, capsys):
+    """At 2 threads every speed figure and ratio also at 1 thread (keys *_1t), in the same run,
+    and each job's scaling; bytes are measured once."""
+    seen, step_fn = [], bench.step_fn  # the threads each training step ran with
+    monkeypatch.setattr(bench, "step_fn", lambda loss, opt: (
+        lambda step: lambda: seen.append(torch.get_num_threads()) or step())(step_fn(loss, opt)))
+    R = bench_json(tmp_path, monkeypatch, "--no-reference", "--threads", "2")
+    assert R["threads"] == 2 and R["thread_counts"] == [2, 1]
+    steps_1t = [k for k in R if k.endswith("_s_1t") and "_step" in k and "tokens" not in k]
+    assert len(steps_1t) == 7 and seen.count(1) == 3 * 7  # each step job: a warm-up and 2 rounds
+    for k in ["lora_step", "abmll_step", "abmll_step_act", "forward"]:
+        assert finite(R[f"{k}_s_1t"]) and R[f"{k}_s_1t"] != R[f"{k}_s"]
+        assert R[f"{k}_thread_scaling"] == pytest.approx(R[f"{k}_s_1t"] / R[f"{k}_s"])
+    assert R["abmll_vs_lora_step_time_1t"] == pytest.approx(R["abmll_step_s_1t"] / R["lora_step_s_1t"])
+    assert finite(R["gemm_fp32_flops_1t"]) and finite(R["lora_step_fraction_of_gemm_peak_1t"])
+    assert "lora_step_saved_bytes_1t" not in R and "abmll_vs_lora_saved_bytes_1t" not in R
+    assert R["lora_step_speedup_vs_peft_1t"] is None  # the skipped reference: null at both counts
+    assert "scaling" in capsys.readouterr().out
+    R = bench_json(tmp_path, monkeypatch, "--no-reference", "--threads", "2", "--no-1t")
+    assert R["thread_counts"] == [2] and "lora_step_s_1t" not in R
+
+
 def test_smoke_gpu_mode_on_cpu(tmp_path, monkeypatch):
     """The --device cuda path (random bf16 weights, no autocast rows), on a CPU."""
     R = bench_json(tmp_path, monkeypatch, "--dtype", "bfloat16", "--no-reference", "--threads", "1")
