@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import llama
 import tokenizer
@@ -73,6 +74,24 @@ def test_logits_at_equals_full_logits():
     g_ref = torch.autograd.grad(ref.square().sum(), params)
     for a, b in zip(g_part, g_ref):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cpu_attention_in_fp32_for_bf16_activations(autocast):
+    """On a CPU, bf16 q, k, v (bf16 weights, or autocast's outputs) are attended in fp32 and the
+    output cast back: torch's bf16 CPU attention is slower (prof.py), and fp32 is the reference."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 16, 8, generator=g).to(torch.bfloat16) for h in (4, 2, 2))
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True,
+                                         enable_gqa=True).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = llama.attention(q, k, v, None, True, True)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
+    bf16 = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert not torch.equal(bf16, ref)  # the kernels differ: the test can tell them apart
+    x = torch.randn(2, 4, 16, 8, generator=g)  # fp32 is untouched
+    assert torch.equal(llama.attention(x, x, x, None, True, False),
+                       F.scaled_dot_product_attention(x, x, x, is_causal=True))
 
 
 def test_kv_cache_matches_recompute():
