@@ -16,7 +16,6 @@ times with bench.py's.
 """
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 
@@ -85,11 +84,8 @@ def run(args) -> dict:
                      f"{', '.join(S.jobs)}")
         job, per = S.jobs[name], {}
         for n in counts:
-            torch.set_num_threads(n)
-            try:
-                per[str(n)] = profile_step(bench.step_fn(job.loss, job.opt), args.steps)
-            finally:
-                torch.set_num_threads(full)
+            step = bench.step_fn(job.loss, job.opt)
+            per[str(n)] = bench.at_threads(lambda: profile_step(step, args.steps), n)()
             per[str(n)]["kinds"] = by_kind(per[str(n)]["ops"])
         out["jobs"][name] = per
     return out
