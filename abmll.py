@@ -51,6 +51,8 @@ class Config:
     weight_decay: float = 0.01  # torch's AdamW default; the paper names no decay (authors: 0)
     prior_scale: float = 1.0  # the prior's weight is beta * prior_scale: 1 (paper), 1 / M (authors)
     outer_grad: str = "kl"  # "kl": theta moves by the KL and prior; "fo": + grad_phi NLL(query)
+    outer_opt: str = "adamw"  # theta's optimizer: AdamW (paper, authors) or plain SGD (an ablation:
+    # AdamW's step is ~lr sign(g) whatever beta; SGD's is lr beta grad, so beta x lr sets its size)
 
 
 # -----------------------------------------------------------------------------

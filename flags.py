@@ -146,6 +146,10 @@ def protocol_flags(p):
     g.add_argument("--outer-grad", choices=["kl", "fo"], default=C.outer_grad, help="theta's "
                    "gradient: the KL and prior (paper, authors), or + grad_phi NLL on a query "
                    "batch (first-order MAML ablation)")
+    g.add_argument("--outer-opt", choices=["adamw", "sgd"], default=C.outer_opt, help="ABMLL's "
+                   "theta optimizer: AdamW (paper, authors), or plain gradient descent (an "
+                   "ablation: its step is --outer-lr x beta x the KL's gradient, so the size of "
+                   "--outer-lr goes with 1 / beta)")
 
 
 def eval_flags(p):
@@ -264,6 +268,10 @@ def check_parallel(args, p, world: int):
         p.error(f"--inner-opt persistent carries one inner AdamW from task to task, which tasks "
                 f"run side by side (--meta-batch {args.meta_batch}) do not have; pass --inner-opt "
                 f"fresh")
+    if trains and args.outer_opt == "sgd" and args.inner_opt == "persistent" and (
+            args.compare or args.method == "abmll"):
+        p.error("--outer-opt sgd: the persistent inner AdamW is a group of the outer AdamW; pass "
+                "--inner-opt fresh")
     if args.fsdp and args.prune and "weight" in args.prune_mode:
         p.error("--fsdp: --prune-mode weight ranks each whole weight matrix, which FSDP splits "
                 "across ranks; prune another mode or run without --fsdp")

@@ -173,6 +173,8 @@ def build(args, cfg):
         opt = torch.optim.AdamW(groups["lora"].values(), lr=cfg.lr, weight_decay=wd)
     elif args.method == "structured" or (args.method == "reptile" and inner_opt == "persistent"):
         opt = torch.optim.AdamW(groups["lora"].values(), lr=cfg.inner_lr, weight_decay=wd)
+    elif args.method == "abmll" and cfg.outer_opt == "sgd":  # flags.py: inner AdamW fresh
+        opt = torch.optim.SGD(groups["theta"].values(), lr=cfg.outer_lr)
     elif args.method == "abmll":
         # a persistent inner optimizer is a second group of the same AdamW: a parameter without a
         # gradient is skipped, so inner steps move phi and outer steps theta, each with its own

@@ -175,6 +175,7 @@ def test_sigkill_mid_run_then_resume_ends_like_an_uninterrupted_run(tiny, tmp_pa
     (["--noise", "space"], "--noise"),
     (["--kl", "exact"], "--kl"),
     (["--kl", "mc", "--noise", "weight"], "--kl mc"),
+    (["--outer-opt", "sgd", "--inner-opt", "persistent"], "--outer-opt sgd"),
 ])
 def test_bad_flags_end_in_one_line(tiny, tmp_path, extra, needle):
     r = run(cmd(tiny, tmp_path, *extra))
@@ -243,3 +244,28 @@ def test_presets_set_learning_rates_unless_given():
     assert (paper.lr, paper.inner_lr, paper.outer_lr) == (c.lr, c.inner_lr, c.outer_lr)  # Section 5.1.1
     assert (quick.lr, quick.inner_lr, quick.outer_lr) == pytest.approx((10 * c.lr, 10 * c.inner_lr, 10 * c.outer_lr))
     assert train.parse_args(["--inner-lr", "3e-5"]).inner_lr == 3e-5  # a flag wins over the preset
+
+
+def test_outer_opt_sgd_is_plain_gradient_descent_on_theta(tiny):
+    """--outer-opt sgd: theta's step is theta - lr grad of beta [KL + prior] (abmll's outer loss,
+    whose gradient tests/test_abmll.py checks against torch.distributions); AdamW's would be
+    ~lr sign(g). phi is not in the optimizer."""
+    import abmll
+    import train
+    model_dir, data_dir = tiny
+    args = train.parse_args(["--method", "abmll", "--model", str(model_dir), "--outer-opt", "sgd",
+                             "--outer-lr", "0.5", "--beta", "1e-6", "--device", "cpu"])
+    cfg = train.config(args)
+    model, tok, opt = train.build(args, cfg)
+    theta = abmll.param_groups(model)["theta"]
+    assert cfg.outer_opt == "sgd" and type(opt) is torch.optim.SGD
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in theta.values()}
+    with torch.no_grad():  # phi away from theta, so that the KL has a gradient
+        for k, p in abmll.param_groups(model)["phi"].items():
+            p.add_(0.01 * torch.randn_like(p))
+    before = {k: p.detach().clone() for k, p in theta.items()}
+    loss, _ = abmll.abmll_outer_loss(model, cfg)
+    grads = dict(zip(theta, torch.autograd.grad(loss, list(theta.values()))))
+    abmll.abmll_outer_step(model, opt, cfg)
+    for k, p in theta.items():
+        torch.testing.assert_close(p.detach(), before[k] - 0.5 * grads[k])
