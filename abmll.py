@@ -45,6 +45,7 @@ class Config:
     inner_lr: float = 1e-5  # Structured LoRA, Reptile's / ABMLL's inner loops, test-time adaptation
     outer_lr: float = 5e-5  # ABMLL's outer step on theta
     reptile_eps: float = 0.5
+    reptile_factors: str = "AB"  # Reptile's meta step moves both factors; "B": A held (an ablation)
     beta: float = 1e-8  # tempers the weight-space terms, ~1e6 per weight entry (Eq. 2)
     a0: float = 1.0  # Gamma prior on the precision 1/sigma^2: shape
     b0: float = 0.01  # and rate
@@ -304,7 +305,9 @@ def _copy_into(params: dict, values: dict):
 
 def reptile_task(model, batches, cfg: Config, opt=None) -> list[float]:
     """Reptile: theta_i <- theta; K steps on task i (fresh AdamW, or `opt` carried across tasks);
-    theta <- theta + eps (theta_i - theta)."""
+    theta <- theta + eps (theta_i - theta). cfg.reptile_factors "B" (an ablation) moves only the B
+    factors: every A comes back to theta's, as ABMLL's weight-space pull leaves A_theta while
+    B_theta = 0."""
     params = param_groups(model)["lora"]
     theta = {k: p.detach().clone() for k, p in params.items()}
     try:
@@ -312,7 +315,9 @@ def reptile_task(model, batches, cfg: Config, opt=None) -> list[float]:
     except BaseException:  # a NaN, or Ctrl-C: the last good theta comes back
         _copy_into(params, theta)
         raise
-    _copy_into(params, {k: torch.lerp(theta[k], p, cfg.reptile_eps) for k, p in params.items()})
+    eps = {k: cfg.reptile_eps if cfg.reptile_factors == "AB" or k.endswith("_B") else 0.0
+           for k in params}
+    _copy_into(params, {k: torch.lerp(theta[k], p, eps[k]) for k, p in params.items()})
     return losses
 
 
@@ -377,7 +382,9 @@ def reptile_delta(model, batches, cfg: Config) -> tuple[dict, list[float]]:
     theta = {k: p.detach().clone() for k, p in params.items()}
     try:
         losses = adapt(model, batches, cfg)
-        delta = {k: p.detach() - theta[k] for k, p in params.items()}
+        moved = [k for k in params if cfg.reptile_factors == "AB" or k.endswith("_B")]
+        delta = {k: params[k].detach() - theta[k] if k in moved else torch.zeros_like(theta[k])
+                 for k in params}
     finally:  # a NaN, or Ctrl-C, too
         _copy_into(params, theta)
     return delta, losses

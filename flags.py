@@ -105,6 +105,8 @@ CONFIG_HELP = {
     "inner_lr": "inner-loop / structured / test-time lr (paper: %(default)g)",
     "outer_lr": "ABMLL's outer-step lr (paper: %(default)g)",
     "reptile_eps": "Reptile's meta step size (default %(default)g)",
+    "reptile_factors": "factors Reptile's meta step moves: AB (Reptile) or B (an ablation: A held "
+                       "at theta's)",
     "beta": "weight of the KL and prior terms, Eq. 2 (default %(default)g)",
     "a0": "Gamma prior shape (default %(default)g)",
     "b0": "Gamma prior rate (default %(default)g)",
@@ -295,5 +297,7 @@ def check_args(args, p):
             p.error(f"--{k.replace('_', '-')} must be a finite number >= 0, got {v}")
     if not -inf < args.log_c < inf:
         p.error(f"--log-c must be a finite number, got {args.log_c}")
+    if args.reptile_factors not in ("AB", "B"):
+        p.error(f"--reptile-factors must be AB or B, got {args.reptile_factors!r}")
     if not 0 < args.reptile_eps <= 1:
         p.error(f"--reptile-eps must be in (0, 1], got {args.reptile_eps}")

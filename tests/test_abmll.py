@@ -3,6 +3,7 @@ gradcheck and a naive autograd reference, the four adapter tests, update-rule is
 save/load and the PEFT export."""
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -403,6 +404,25 @@ def test_reptile_interpolates_toward_the_adapted_weights():
     assert changed(before, model) == set(theta)
     for k, p in param_groups(model)["lora"].items():
         torch.testing.assert_close(p, theta[k] + 0.5 * (param_groups(twin)["lora"][k] - theta[k]))
+
+
+def test_reptile_b_only_holds_every_a_and_its_delta_agrees():
+    """cfg.reptile_factors "B": the B factors move as Reptile's, every A comes back to theta's; the
+    meta-batch path's reptile_delta is zero for A and the task step for B."""
+    cfg = dataclasses.replace(CFG, reptile_factors="B")
+    model = randomize(inject(tiny(), "lora"))
+    theta = {k: p.detach().clone() for k, p in param_groups(model)["lora"].items()}
+    twin = copy.deepcopy(model)
+    abmll.adapt(twin, [batch(1), batch(2)], cfg)
+    delta, _ = abmll.reptile_delta(copy.deepcopy(model), [batch(1), batch(2)], cfg)
+    abmll.reptile_task(model, [batch(1), batch(2)], cfg)
+    for k, p in param_groups(model)["lora"].items():
+        adapted = param_groups(twin)["lora"][k]
+        if k.endswith("lora_A"):
+            assert torch.equal(p, theta[k]) and not torch.equal(adapted, theta[k]) and not delta[k].any()
+        else:
+            torch.testing.assert_close(p, theta[k] + 0.5 * (adapted - theta[k]))
+            torch.testing.assert_close(delta[k], adapted - theta[k])
 
 
 @pytest.mark.parametrize("method", ["lora", "abmll"])
