@@ -16,6 +16,14 @@ each the probe reports, over every adapted layer's mean mu = s B A (weight space
     as abmll.reptile_task moves a LoRA pair), from the same theta and phi
 and theta's log-variance (min, mean, max over the entries) after the step. A Reptile-like outer
 step has cos near 1; AdamW's ~lr sign(g) step does not.
+
+    python outer_probe.py --score RUN/adapters.safetensors --as abmll --permute A -- --split diag
+
+scores a LoRA run's saved adapters (Regular LoRA's, Reptile's) on the held-out tasks' validation
+examples after the run's test-time adaptation, as LoRA (`--as reptile`) or as ABMLL's theta mean
+(`--as abmll`: log-variance at its start, the ABMLL inner loss and sampling), optionally with the
+entries of every A (or B, or both) shuffled within each matrix: whether a meta-learned theta works
+through ABMLL's test path, and which of its factors carry what it learned.
 """
 
 import argparse
@@ -23,8 +31,11 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 import abmll
+import eval as evaluation
+import heldout
 import train
 from resume import write_json
 
@@ -80,6 +91,27 @@ def probe(train_argv, tasks: int) -> list[dict]:
     return rows
 
 
+def score(path: str, method: str, permute: str, train_argv, part: str = "val") -> dict:
+    """`path`'s LoRA factors (lora_B, lora_A), each matrix's entries shuffled where `permute` names
+    its factor, scored by `method`'s test path (module docstring)."""
+    args = train.parse_args(["--method", method, *train_argv])
+    cfg = train.config(args)
+    torch.manual_seed(args.seed)
+    model, tok, _ = train.build(args, cfg)
+    split = train.load_split(args, tok)
+    params, g = abmll.adapter_params(model), torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        for k, v in load_file(path).items():
+            layer, factor = k.rsplit(".lora_", 1)
+            if factor in permute:
+                v = v.flatten()[torch.randperm(v.numel(), generator=g)].reshape(v.shape)
+            params[f"{layer}.theta_mean_{factor}" if method == "abmll" else k].copy_(v)
+    abmll.end_task(model)  # phi <- theta (nothing for LoRA)
+    rows = heldout.evaluate(model, split.held_out, part, tok, args, cfg, stream=(part, 0))
+    m = evaluation.metrics(rows[("none", 0)])
+    return {"adapters": path, "as": method, "permute": permute, "part": part, **m}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -87,9 +119,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", type=int, default=6, help="tasks to probe (default 6)")
     p.add_argument("--json", default=None, help="write the rows here as well")
+    p.add_argument("--score", default=None, help="a LoRA run's adapters.safetensors to score")
+    p.add_argument("--as", dest="as_", choices=["reptile", "abmll"], default="abmll")
+    p.add_argument("--permute", choices=["", "A", "B", "AB"], default="", help="factors shuffled")
     a = p.parse_args(mine)
     if a.tasks < 1:
         p.error(f"--tasks must be at least 1, got {a.tasks}")
+    if a.score:
+        out = score(a.score, a.as_, a.permute, rest)
+        print(f"{a.score} as {a.as_}, permuted {a.permute or '-'}: val acc {out['acc']:.3f}, "
+              f"NLL {out['nll']:.3f} over {out['n']} examples")
+        if a.json:
+            write_json(Path(a.json), {"train_argv": rest, **out})
+        return out
     rows = probe(rest, a.tasks)
     print("| task | inner loss first / last | dphi | cos(dtheta, dphi) | dtheta / dphi | "
           "Reptile's cos | Reptile's ratio | theta log-variance min / mean / max |")

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import outer_probe
 
@@ -26,3 +27,23 @@ def test_outer_step_sizes_follow_the_optimizer():
     assert sgd["ratio"] < 1e-3 < adamw["ratio"]
     with pytest.raises(SystemExit):
         outer_probe.main(["--tasks", "0"])
+
+
+def test_score_a_lora_theta_through_both_test_paths(tmp_path):
+    """A LoRA theta scores alike as LoRA and as ABMLL's theta mean (sigma ~ 4.5e-5, beta 1e-8);
+    shuffling its B entries changes the predictions."""
+    import abmll
+    import llama
+
+    torch.manual_seed(0)
+    model = abmll.inject(llama.random_model(llama.ModelArgs.from_name("tiny"), "cpu", torch.float32, 0), "lora")
+    with torch.no_grad():
+        for k, p in abmll.param_groups(model)["lora"].items():
+            p.normal_(0, 0.05)
+    path = tmp_path / "adapters.safetensors"
+    abmll.save_adapters(model, path)
+    out = {(a, perm): outer_probe.main(["--score", str(path), "--as", a, "--permute", perm, "--", *TINY])
+           for a, perm in (("reptile", ""), ("abmll", ""), ("reptile", "B"))}
+    assert out[("reptile", "")]["n"] == out[("abmll", "")]["n"] > 0
+    assert out[("abmll", "")]["nll"] == pytest.approx(out[("reptile", "")]["nll"], abs=2e-3)
+    assert abs(out[("reptile", "B")]["nll"] - out[("reptile", "")]["nll"]) > 1e-3
