@@ -303,6 +303,11 @@ def _copy_into(params: dict, values: dict):
         p.copy_(values[k])
 
 
+def reptile_moves(name: str, cfg: Config) -> bool:
+    """Whether Reptile's meta step moves this LoRA factor (cfg.reptile_factors "AB" or "B")."""
+    return cfg.reptile_factors == "AB" or name.endswith("_B")
+
+
 def reptile_task(model, batches, cfg: Config, opt=None) -> list[float]:
     """Reptile: theta_i <- theta; K steps on task i (fresh AdamW, or `opt` carried across tasks);
     theta <- theta + eps (theta_i - theta). cfg.reptile_factors "B" (an ablation) moves only the B
@@ -315,9 +320,8 @@ def reptile_task(model, batches, cfg: Config, opt=None) -> list[float]:
     except BaseException:  # a NaN, or Ctrl-C: the last good theta comes back
         _copy_into(params, theta)
         raise
-    eps = {k: cfg.reptile_eps if cfg.reptile_factors == "AB" or k.endswith("_B") else 0.0
-           for k in params}
-    _copy_into(params, {k: torch.lerp(theta[k], p, eps[k]) for k, p in params.items()})
+    _copy_into(params, {k: torch.lerp(theta[k], p, cfg.reptile_eps * reptile_moves(k, cfg))
+                        for k, p in params.items()})
     return losses
 
 
@@ -382,9 +386,7 @@ def reptile_delta(model, batches, cfg: Config) -> tuple[dict, list[float]]:
     theta = {k: p.detach().clone() for k, p in params.items()}
     try:
         losses = adapt(model, batches, cfg)
-        moved = [k for k in params if cfg.reptile_factors == "AB" or k.endswith("_B")]
-        delta = {k: params[k].detach() - theta[k] if k in moved else torch.zeros_like(theta[k])
-                 for k in params}
+        delta = {k: (p.detach() - theta[k]) * reptile_moves(k, cfg) for k, p in params.items()}
     finally:  # a NaN, or Ctrl-C, too
         _copy_into(params, theta)
     return delta, losses

@@ -45,8 +45,7 @@ def flat(ts) -> torch.Tensor:
 
 
 def means(layers, group: str) -> torch.Tensor:
-    return flat(m.scaling * m.pairs(group, grad=False)[0] @ m.pairs(group, grad=False)[1]
-                for m in layers)
+    return flat(m.scaling * torch.mm(*m.pairs(group, grad=False)[:2]) for m in layers)
 
 
 def cosine(a, b) -> float:
