@@ -26,6 +26,9 @@ from ranks import world_size
 METHODS = ("pretrained", "pretrained-adapted", "lora", "structured", "reptile", "abmll")
 UNTRAINED = ("pretrained", "pretrained-adapted")  # the second: a fresh LoRA (B = 0), test-adapted
 RUN_ONLY = ("resume", "compare", "seeds", "device", "out", "fsdp")  # may change when a run resumes
+# shape only the test, never training or validation: a resumed run may change them (config.json
+# then records the new ones), and --resume on a finished run re-tests its best epoch with them
+TEST_ONLY = ("prune", "prune_mode", "adapt_curve")
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # Meta's names of the layers an adapter wraps
 C = abmll.Config  # every hyperparameter of the method: the defaults of its flags
 
@@ -177,7 +180,9 @@ def system_flags(p):
     g.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--out", default="runs", help="root of the run directories")
-    g.add_argument("--resume", action="store_true", help="continue the run in its directory")
+    g.add_argument("--resume", action="store_true", help="continue the run in its directory; "
+                   "on a finished run, test its best epoch again (with other --prune, "
+                   "--prune-mode or --adapt-curve, the only flags that may change)")
     g.add_argument("--compare", action="store_true",
                    help="run every method for each of --seeds (resumable)")
     g.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds for --compare")

@@ -206,12 +206,16 @@ def test_and_record(model, split, tok, args, cfg, rundir) -> dict:
         curve = adapt_curve(model, split.held_out, tok, args, cfg) if curves else {}
     except (FloatingPointError, ValueError) as e:
         raise RunError(f"test: {e}; the checkpoint is in {rundir}") from None
-    pred = rundir / "predictions"
-    for (mode, p), rows in test.items() if ranks.DIST.rank == 0 else ():
-        name = f"test-{mode}-{p:g}.jsonl.gz" if p else "test-0.jsonl.gz"
-        evaluation.write_predictions(pred / name, rows)
-    for k, rows in curve.items() if ranks.DIST.rank == 0 else ():
-        evaluation.write_predictions(pred / f"adapt{k}-0.jsonl.gz", rows)
+    pred, names = rundir / "predictions", {}
+    for (mode, p), rows in test.items():
+        names[f"test-{mode}-{p:g}.jsonl.gz" if p else "test-0.jsonl.gz"] = rows
+    names |= {f"adapt{k}-0.jsonl.gz": rows for k, rows in curve.items()}
+    if ranks.DIST.rank == 0:
+        for name, rows in names.items():
+            evaluation.write_predictions(pred / name, rows)
+        for old in [*pred.glob("test-*.jsonl.gz"), *pred.glob("adapt*-0.jsonl.gz")]:
+            if old.name not in names:  # a re-test's flags did not ask for it: not this test's
+                old.unlink()
     m = evaluation.metrics(test[("none", 0)])
     final = dict(method=args.method, split=args.split, seed=args.seed,
                  **{f"test_{k}": v for k, v in m.items() if k != "n"}, n_test=m["n"],

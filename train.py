@@ -44,7 +44,7 @@ import fetch
 import heldout
 import llama
 import ranks
-from flags import METHODS, RUN_ONLY, UNTRAINED, parse_args
+from flags import METHODS, RUN_ONLY, TEST_ONLY, UNTRAINED, parse_args
 from ranks import autocast, to_device
 from resume import RunError, load_checkpoint, save_checkpoint, write_atomic, write_json
 from tokenizer import Tokenizer
@@ -249,7 +249,7 @@ def start(args, rundir: Path, model, opt, epochs: int) -> dict:
     """The run's state: a fresh one (config.json written), or with --resume the checkpoint's, once
     config.json shows that the run's flags are the same."""
     flags = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}  # config.json
-    resume = args.resume and (rundir / "state.json").exists()
+    resume, changed = args.resume and (rundir / "state.json").exists(), []
     if resume:
         try:
             old = json.loads((rundir / "config.json").read_text())
@@ -257,11 +257,10 @@ def start(args, rundir: Path, model, opt, epochs: int) -> dict:
             raise RunError(f"{rundir}/config.json: cannot read ({e}); continue elsewhere with "
                            f"--out") from None
         changed = [k for k in flags if k in old and old[k] != flags[k]]
-        if changed:
-            k = changed[0]
+        for k in [k for k in changed if k not in TEST_ONLY][:1]:
             raise RunError(f"{rundir}: --{k.replace('_', '-')} was {old[k]!r}, now {flags[k]!r}; "
                            f"resume with the run's flags or use another --out")
-    elif ranks.DIST.rank == 0:
+    if (not resume or changed) and ranks.DIST.rank == 0:  # a test-only flag changed: recorded
         write_json(rundir / "config.json", flags)
     state = {"epoch": 0, "best_acc": -1.0, "best_epoch": -1, "history": [],
              "best_adapters": adapters(model)}
@@ -317,7 +316,8 @@ def finish(model, split, tok, args, cfg, rundir: Path, state: dict, speed: dict,
         return final
     if args.method not in UNTRAINED:
         abmll.save_adapters(model, rundir / "adapters.safetensors")
-    write_json(rundir / "speed.json", speed_report(args, **speed, run_s=time.time() - t_run))
+    if speed["steps"] or not (rundir / "speed.json").exists():  # a re-test keeps training's
+        write_json(rundir / "speed.json", speed_report(args, **speed, run_s=time.time() - t_run))
     write_json(rundir / "final.json", final)
     print(f"{args.method} on {args.split} (seed {args.seed}): test accuracy "
           f"{final['test_acc']:.3f}, ECE {final['test_ece']:.3f}, NLL {final['test_nll']:.3f} over "
@@ -344,8 +344,9 @@ def run(args) -> dict:
     per_epoch = tasks_per_epoch(split, args) * cfg.inner_steps if trains else 0  # training steps
     speed = dict(steps=(epochs - state["epoch"]) * per_epoch, tokens=0, train_s=0.0)
     # rank 0's one live line; off a terminal (a log file) a line every 10 s rather than 10 a second
-    bar = tqdm(total=speed["steps"], desc=f"epoch {state['epoch'] + 1}/{epochs}", unit="step",
-               disable=not (rank0 and trains), file=sys.stderr,
+    desc = f"epoch {state['epoch'] + 1}/{epochs}" if state["epoch"] < epochs else "re-test"
+    bar = tqdm(total=speed["steps"], desc=desc, unit="step", disable=not (rank0 and trains),
+               file=sys.stderr,
                mininterval=0.1 if sys.stderr.isatty() else 10)
     with bar:
         for epoch in range(state["epoch"], epochs):

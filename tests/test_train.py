@@ -116,6 +116,28 @@ def test_pruning_modes_adaptation_curve_and_diagnostics(tiny, tmp_path):
     assert 0 < diag["noise_ratio"]["wq"] < 1e-2 and 0 <= diag["sample_vs_mean"] < 0.1
 
 
+def test_resume_on_a_finished_run_retests_it_with_other_test_flags(tiny, tmp_path):
+    """--prune / --prune-mode / --adapt-curve shape only the test: a finished run re-tested with them
+    scores the same best epoch (its unpruned predictions byte for byte), records the new flags, and
+    keeps no predictions file the new flags did not ask for; any other flag still may not change."""
+    base = cmd(tiny, tmp_path, "--epochs", "2", method="reptile")
+    assert run([*base, "--adapt-curve", "0", "2"]).returncode == 0
+    d = tmp_path / "nli" / "reptile" / "seed0"
+    before, speed = (d / "predictions" / "test-0.jsonl.gz").read_bytes(), (d / "speed.json").read_text()
+    r = run([*base, "--resume", "--prune", "20", "--prune-mode", "activation", "adapted"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    final, _ = results(tmp_path, "reptile")
+    assert (d / "predictions" / "test-0.jsonl.gz").read_bytes() == before
+    assert sorted(p.name for p in (d / "predictions").iterdir()) == [
+        "test-0.jsonl.gz", "test-activation-20.jsonl.gz", "test-adapted-20.jsonl.gz", "val-0.jsonl.gz"]
+    assert set(final["pruning_modes"]) == {"activation", "adapted"} and "adapt_curve" not in final
+    config = json.loads((d / "config.json").read_text())
+    assert config["prune"] == [20] and config["adapt_curve"] is None
+    assert (d / "speed.json").read_text() == speed  # training's throughput, not the re-test's
+    changed = run([*base, "--resume", "--prune", "20", "--lr", "1e-3"])
+    assert changed.returncode != 0 and "--lr" in changed.stderr.strip().splitlines()[-1]
+
+
 def test_pretrained_adapted_is_untrained_but_adapts(tiny, tmp_path):
     """A fresh LoRA (B = 0) adapted at test time only: its curve at k = 0 is Pretrained's zero-shot score."""
     for method in ("pretrained", "pretrained-adapted"):
