@@ -257,7 +257,9 @@ def start(args, rundir: Path, model, opt, epochs: int) -> dict:
             raise RunError(f"{rundir}/config.json: cannot read ({e}); continue elsewhere with "
                            f"--out") from None
         changed = [k for k in flags if k in old and old[k] != flags[k]]
-        for k in [k for k in changed if k not in TEST_ONLY][:1]:
+        fixed = [k for k in changed if k not in TEST_ONLY]
+        if fixed:
+            k = fixed[0]
             raise RunError(f"{rundir}: --{k.replace('_', '-')} was {old[k]!r}, now {flags[k]!r}; "
                            f"resume with the run's flags or use another --out")
     if (not resume or changed) and ranks.DIST.rank == 0:  # a test-only flag changed: recorded
@@ -346,8 +348,7 @@ def run(args) -> dict:
     # rank 0's one live line; off a terminal (a log file) a line every 10 s rather than 10 a second
     desc = f"epoch {state['epoch'] + 1}/{epochs}" if state["epoch"] < epochs else "re-test"
     bar = tqdm(total=speed["steps"], desc=desc, unit="step", disable=not (rank0 and trains),
-               file=sys.stderr,
-               mininterval=0.1 if sys.stderr.isatty() else 10)
+               file=sys.stderr, mininterval=0.1 if sys.stderr.isatty() else 10)
     with bar:
         for epoch in range(state["epoch"], epochs):
             t0, where, loss = time.time(), f"epoch {epoch + 1}", None
