@@ -2,7 +2,7 @@
 
 Layout:
 
-    {root}/{split}/{method}/seed{seed}/
+    {root}/{split}/{method}/seed{seed}/       ({method} or a variant of it: {method}-{label})
         config.json    the run's arguments (method, split, seed, model, epochs, ...)
         metrics.jsonl  one line per epoch: {"epoch", "train_loss", "val_acc", "val_ece",
                        "val_nll", .. every metrics() key as val_*, "val_time_s", "time_s",
@@ -59,6 +59,12 @@ def _bounds(key):
     return next((b for end, b in BOUNDS.items() if key.endswith(end)), None)
 
 
+def _is_variant(directory, method):
+    """A method's directory is its name or a labelled variant of it, {method}-{label}: runs of
+    one method with other settings (abmll-beta1e-12) side by side, a row each in the report."""
+    return isinstance(method, str) and (directory == method or directory.startswith(method + "-"))
+
+
 def _read_final(d, want):
     """final.json without its out-of-range test_* numbers, or None (warned): skip the run."""
     path = d / "final.json"
@@ -81,6 +87,8 @@ def _read_final(d, want):
     if not all(_number(final.get(k)) for k in ("test_acc", "test_ece")):
         return _warn(f"{path}: test_acc or test_ece missing or not a number, skipped")
     for key, value in want.items():
+        if key == "method" and _is_variant(value, final.get(key)):
+            continue
         if key in final and final[key] != value:
             return _warn(f"{path}: {key} is {final[key]!r} but the directory says {value!r}, "
                          f"skipped")

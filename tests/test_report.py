@@ -174,3 +174,23 @@ def test_report_survives_bad_bytes_and_out_of_range_values(tmp_path, capsys):
     assert "Regular LoRA" not in out and "750" not in out and "Brier" not in out
     assert "| ABMLL | 75.0% ± 0.0% |" in out  # the run stays, with its good keys
     assert "1 seed, 5 ep" in out  # 4 epochs + line 6; line 5 (the stray byte) is left out
+
+
+def test_report_rows_for_a_methods_variants(tmp_path, capsys):
+    """A directory {method}-{label} is that method run with other settings: a row of its own;
+    a directory naming another method, or the method without the dash, is still skipped."""
+    root = tmp_path / "runs"
+    _write_run(root, "diag", "abmll", 0, 0.60, 0.1)
+    for label, acc in (("abmll-beta1e-16", 0.30), ("abmll-weight-beta1", 0.25)):
+        d = _write_run(root, "diag", label, 0, acc, 0.2)
+        _extend(d, method="abmll")  # what train.py writes: the method, not the directory
+    for wrong in ("lora", "abmllbeta1", "reptile-abmll"):
+        _extend(_write_run(root, "diag", wrong, 0, 0.9, 0.1), method="abmll")
+    out = report.report(root, tmp_path / "rep")
+    err = capsys.readouterr().err
+    table = out[out.index("### Test accuracy"):].split("\n\n")[1]
+    assert "| ABMLL | 60.0% ± 0.0% |" in table
+    assert "| abmll-beta1e-16 | 30.0% ± 0.0% |" in table and "| abmll-weight-beta1 | 25.0% ± 0.0% |" in table
+    assert "90.0%" not in out
+    assert sorted(ln.split("directory says ")[1] for ln in err.splitlines()) == \
+        ["'abmllbeta1', skipped", "'lora', skipped", "'reptile-abmll', skipped"], err
