@@ -226,7 +226,7 @@ def diag_curves(runs, out_dir):
                 line, = ax.plot(epochs, p50, label=kind)
                 ax.fill_between(epochs, p5, p95, color=line.get_color(), alpha=0.2)
             ax.set(xlabel="epoch", ylabel="theta log sigma^2",
-                   title=f"{s}, {METHODS.get(m, m)}: theta log-variance (median, p5-p95)")
+                   title=f"{s}, {METHODS.get(m, m)}\ntheta log-variance (median, p5-p95)")
             ax.legend()
         paths.append(Path(out_dir) / f"diag_{s}.png")
         fig.savefig(paths[-1], dpi=120, bbox_inches="tight")
