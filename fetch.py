@@ -130,7 +130,8 @@ def archive(spec: str) -> Path:
         got = Path(tmp) / filename
         if run.returncode != 0 or not got.exists():
             last = (run.stderr.strip().splitlines() or ["no output"])[-1]
-            raise FetchError(f"could not download {spec} ({last}); put {filename} in {dest.parent}")
+            raise FetchError(f"could not download {spec} ({last}); put a copy of {filename} "
+                             f"(sha256 {digest}) in {dest.parent}")
         if sha256(got) != digest:
             raise FetchError(f"{spec}: downloaded {filename} has the wrong sha256")
         os.replace(got, dest)  # atomic: a killed download never leaves a half file

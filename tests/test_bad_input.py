@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -305,3 +306,18 @@ def test_unwritable_cache_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
         last = one_line_error(lambda _: main(argv[1:]) if main in (data.main, train.main) else main(), None, capsys,
                               f"{cache}")
         assert "cache directory cannot be written" in last and "ABMLL_CACHE" in last, argv
+
+
+def test_refused_download_names_the_file_and_the_sha256_a_copy_needs(tmp_path, monkeypatch):
+    # as the registry answered for bigbench==1.0.0 on 2026-12-07 (HTTP 403 "This package version
+    # is not available"): pip fails, and the line must say where a copy goes and what it must hash to
+    monkeypatch.setenv("ABMLL_CACHE", str(tmp_path))
+    refused = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found for bigbench==1.0.0\n")
+    monkeypatch.setattr(fetch.subprocess, "run", lambda *a, **k: refused)
+    name, digest = fetch.ARCHIVES["bigbench==1.0.0"]
+    with pytest.raises(fetch.FetchError) as e:
+        fetch.archive("bigbench==1.0.0")
+    line = str(e.value)
+    assert "\n" not in line and "No matching distribution found" in line
+    assert f"put a copy of {name} (sha256 {digest}) in {tmp_path / 'archives'}" in line
+    assert not list((tmp_path / "archives").iterdir())  # nothing half-written left behind
