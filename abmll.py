@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import hf
+import llama
 from lora import BayesLoRALinear, LoRALinear, check_options
 
 
@@ -124,7 +125,7 @@ def inject(model, method: str, targets=Config.targets, rank: int = Config.rank,
         if not any(n.rpartition(".")[2] == t for n, _ in found):
             raise ValueError(f"target module {t!r} not found in the model")
     for n, m in found:
-        if type(m) is not nn.Linear:
+        if type(m) not in (nn.Linear, llama.Linear):
             raise ValueError(f"target {n!r} is a {type(m).__name__}, not an nn.Linear "
                              "(adapters already injected?)")
     model.requires_grad_(False)

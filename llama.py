@@ -126,6 +126,32 @@ CONFIGS = {
 # the model
 
 
+def autocast_weight(owner: nn.Module, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w as F.linear(x, w) runs it: under autocast a frozen fp32 weight is cast to autocast's dtype
+    once and kept on `owner`, made anew when the weight changes (another tensor, or an in-place
+    update, which bumps its version). torch's autocast caches only weights that require grad, so
+    a frozen model's were re-cast in every forward: 13% of a bf16-autocast LoRA step on a CPU
+    (prof.py). The cost: a bf16 copy of each frozen weight, +2 bytes a parameter while it lives.
+    The numbers are autocast's own (the same round-to-nearest cast); anything else passes through."""
+    dev = x.device.type
+    if w.requires_grad or w.dtype != torch.float32 or not torch.is_autocast_enabled(dev):
+        return w
+    dt = torch.get_autocast_dtype(dev)
+    key = (w.data_ptr(), w._version, w.shape, w.device, dt)
+    cached = owner.__dict__.get("_autocast_weight")
+    if cached is None or cached[0] != key:
+        with torch.inference_mode(False), torch.no_grad():  # usable by a later training step
+            cached = owner.__dict__["_autocast_weight"] = (key, w.to(dt))
+    return cached[1]
+
+
+class Linear(nn.Linear):
+    """nn.Linear (the same parameters and state dict) whose frozen weight autocast casts once."""
+
+    def forward(self, x):
+        return F.linear(x, autocast_weight(self, self.weight, x), self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -188,10 +214,10 @@ class Attention(nn.Module):
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads or args.n_heads
         self.head_dim = args.head_dim
-        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = Linear(self.n_heads * self.head_dim, args.dim, bias=False)
         self.cache_k = self.cache_v = None  # opt-in KV cache, see Transformer.setup_cache
 
     def forward(self, x, freqs_cis, start_pos: int = 0, at=None):
@@ -223,9 +249,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # gate
-        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)  # down
-        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)  # up
+        self.w1 = Linear(args.dim, args.ffn_dim, bias=False)  # gate
+        self.w2 = Linear(args.ffn_dim, args.dim, bias=False)  # down
+        self.w3 = Linear(args.dim, args.ffn_dim, bias=False)  # up
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -256,7 +282,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # a tied head reuses tok_embeddings.weight, so the state dict has no `output` key
         tied = args.tie_embeddings
-        self.output = None if tied else nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = None if tied else Linear(args.dim, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def forward(self, tokens, start_pos: int = 0, logits_at=None):
@@ -280,7 +306,9 @@ class Transformer(nn.Module):
         # step saved (3% measured, 135M, T=256)
         h = last(h, freqs_cis, start_pos, at=logits_at)  # (B, T | P, dim)
         h = self.norm(h)
-        return F.linear(h, self.tok_embeddings.weight) if self.output is None else self.output(h)
+        if self.output is not None:
+            return self.output(h)
+        return F.linear(h, autocast_weight(self.tok_embeddings, self.tok_embeddings.weight, h))
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int | None = None):
         """Opt in to a KV cache for generation; `clear_cache()` turns it off again."""

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+import llama
 
 NOISE = ("weight", "activation")  # where the sample is drawn: the paper's text, the authors' code
 KL = ("closed", "mc")  # KL(q(phi|D) || p(phi|theta)): closed form, the authors' one-sample estimate
@@ -53,7 +54,7 @@ class LoRALinear(nn.Module):
         self.lora_B, self.lora_A = _pair(rank, base)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, llama.autocast_weight(self, self.weight, x), self.bias)
         return y if self.merged else y + kernels.lowrank(x, self.lora_A, self.lora_B, self.scaling)
 
     @torch.no_grad()

@@ -10,8 +10,9 @@ a shared machine hits them alike; bench.py takes each job's median of its rounds
 
 Memory: "saved" is the bytes of the tensors autograd keeps for backward in one step, counted once
 per storage (a tensor saved by several ops, or a view of one, is counted once), leaving out the
-models' parameters and buffers, which are resident anyway (autocast's bf16 copies of them are
-counted: they are made per step). Peak RSS is the process's high-water mark during the step, reset
+models' parameters and buffers, which are resident anyway, and the bf16 casts of frozen weights
+that our models keep under autocast (llama.autocast_weight); autocast's per-step bf16 copies of
+weights (transformers' model) are counted: they are made in every step. Peak RSS is the process's high-water mark during the step, reset
 through /proc/self/clear_refs where Linux allows ("rise": above the RSS before the step); on CUDA,
 torch.cuda.max_memory_allocated.
 
@@ -97,7 +98,11 @@ def nominal_bf16_peak(device_name: str) -> float | None:
 
 
 def resident_ptrs(*models) -> set:
-    tensors = (t for m in models for t in [*m.parameters(), *m.buffers()])
+    """Every storage a model keeps between steps: parameters, buffers and the bf16 casts of its
+    frozen weights that llama.autocast_weight keeps under autocast."""
+    tensors = [t for m in models for t in [*m.parameters(), *m.buffers()]]
+    tensors += [sub.__dict__["_autocast_weight"][1] for m in models for sub in m.modules()
+                if "_autocast_weight" in sub.__dict__]
     return {t.untyped_storage().data_ptr() for t in tensors}
 
 
@@ -143,6 +148,41 @@ def live_tensor_bytes(device) -> int:
     for t in tensors:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
+
+
+def minor_faults(fn) -> int | None:
+    """Pages the kernel handed the process during one fn() (minor faults: no disk), None without
+    getrusage. Each is a fresh zeroed page: memory the allocator gave back and takes again. glibc
+    returns a freed block of over its mmap threshold (32 MiB at most) to the OS at once, so a step
+    whose big tensors (a full-vocabulary logits tensor) are made anew each time faults them in
+    every step, and that time is part of its step."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def mallopt(mmap_threshold: int, trim_threshold: int | None = None) -> bool:
+    """Fix glibc's mmap threshold (a freed block at least this big goes back to the system at once;
+    glibc's default grows it up to 32 MiB as big blocks are freed) and, if given, its trim
+    threshold (free memory kept at the top of the heap), for the rest of the process. False where
+    there is no glibc mallopt, or it refused."""
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+        return bool(ok and (trim_threshold is None or libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for reuse, as a caching allocator does (both thresholds raised,
+    to 1 GiB and 2 GiB), so no job pays for fresh pages in its steady state. Process-wide."""
+    return mallopt(1 << 30, (1 << 31) - 1)
 
 
 def trim_heap():

@@ -94,6 +94,50 @@ def test_cpu_attention_in_fp32_for_bf16_activations(autocast):
                        F.scaled_dot_product_attention(x, x, x, is_causal=True))
 
 
+def test_autocast_casts_a_frozen_weight_once_and_anew_after_it_changes(monkeypatch):
+    """Under autocast each frozen weight is cast once and kept (llama.autocast_weight: torch's
+    autocast re-casts a weight that needs no grad in every forward); the loss and LoRA's gradients
+    are exactly those of torch's autocast casting every time, also after an in-place change of a
+    weight (LoRA's merge), and the head (the tied embedding) is cached too."""
+    import abmll
+    model = abmll.inject(tiny_model(), "lora")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    tokens = torch.randint(512, (2, 16), generator=torch.Generator().manual_seed(0))
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+
+    def step(cached: bool):
+        with monkeypatch.context() as m:
+            if not cached:  # torch's autocast as it is: every weight cast in every forward
+                m.setattr(llama, "autocast_weight", lambda owner, w, x: w)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(tokens)[:, :-1].flatten(0, 1).float(),
+                                       tokens[:, 1:].flatten())
+        grads = torch.autograd.grad(loss, adapters, allow_unused=True)  # a merged layer's: None
+        return [loss.detach(), *(torch.zeros(0) if g is None else g for g in grads)]
+
+    def caches():
+        return {n: m.__dict__["_autocast_weight"][1] for n, m in model.named_modules()
+                if "_autocast_weight" in m.__dict__}
+
+    ref, got = step(False), step(True)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    first = caches()
+    assert len(first) == 2 * 7 + 1 and all(w.dtype == torch.bfloat16 for w in first.values())
+    step(True)
+    assert all(caches()[n] is w for n, w in first.items())  # the same casts: none made again
+    model.layers[0].attention.wq.merge()  # W0 += s B A in place
+    ref2, got2 = step(False), step(True)
+    assert not torch.equal(ref2[0], ref[0])
+    assert all(torch.equal(a, b) for a, b in zip(ref2, got2))
+    with torch.no_grad():  # outside autocast, and for fp32 weights without it, nothing is cast
+        assert torch.equal(model(tokens), model(tokens))
+    assert llama.autocast_weight(model, first["layers.1.attention.wk"], tokens) is \
+        first["layers.1.attention.wk"]
+
+
 def test_kv_cache_matches_recompute():
     model = tiny_model(tie_embeddings=True)
     prompt = [5, 17, 300, 2, 99]
