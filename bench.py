@@ -4,6 +4,7 @@ this machine's own matmul peak.
 
     python bench.py                              # CPU, smollm2-135m, batch 2 x 256, fp32 and bf16
     python bench.py --threads 1 --json out/b.json  # one thread: steadier on a busy shared machine
+    python bench.py --malloc keep                # glibc keeps freed memory: no job pays fresh pages
     python bench.py --device cuda --model llama3-8b --random-init  # GPU: 8B, random bf16, 2 x 512
     python bench.py --model tiny --random-init --quick           # seconds: the smoke test's run
     python bench.py --plan --model llama3-8b --batch 2 --seq 512 --dtype bf16  # peaks (plan.py)
@@ -24,7 +25,8 @@ weight noise at its initial scale rounds away (tests/test_bench.py).
 transformers_scoring_forward, and the steps in twins.ours, peft_lora_step, lora_step_bf16,
 abmll_step_bf16): {job}_s, {job}_tokens_per_s; per step also {job}_flops, {job}_mfu (CUDA),
 {job}_fraction_of_gemm_peak, {job}_saved_bytes and perf.peak_memory's {job}_peak_rss_bytes,
-{job}_peak_rss_rise_bytes, {job}_cuda_peak_bytes; growth: abmll_tasks_{n}_*,
+{job}_peak_rss_rise_bytes, {job}_cuda_peak_bytes; every job's {job}_minor_faults (one step after
+the rounds: the fresh pages its steady state takes, perf.minor_faults); growth: abmll_tasks_{n}_*,
 {lora,abmll}_seq_{T}_*; the ratios in bench_report.RATIOS.
 """
 
@@ -166,7 +168,8 @@ def setup(args) -> tuple[Setup, dict]:
          "torch": torch.__version__,
          "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
          "load_avg_1m": os.getloadavg()[0], "date": datetime.now().isoformat(timespec="seconds"),
-         "reference": twins.reference_available() and not args.no_reference}
+         "reference": twins.reference_available() and not args.no_reference,
+         "malloc": args.malloc}
     return S, R
 
 
@@ -259,7 +262,8 @@ def speed(S: Setup, R: dict):
             R[f"{k}_flops"] = perf.model_flops(S.base.args, S.B, S.T, S.B, job.method)
             peak = S.peak[x][job.against]
             R[f"{k}_fraction_of_gemm_peak{x}"] = R[f"{k}_flops"] / R[f"{k}_s{x}"] / peak
-    for k in timed:
+    for k, f in timed.items():  # after the rounds: the steady state's fresh pages (perf.py)
+        R[f"{k}_minor_faults"] = perf.minor_faults(f)
         if "_1t" in counts:
             R[f"{k}_thread_scaling"] = R[f"{k}_s_1t"] / R[f"{k}_s"]
         if R.get("nominal_bf16_peak_flops") and k in S.jobs:
@@ -380,6 +384,9 @@ def parse_args(argv=None):
                    help="2 rounds, short growth sweeps, a small GEMM: a smoke run")
     p.add_argument("--no-reference", action="store_true",
                    help="skip transformers + peft even when installed")
+    p.add_argument("--malloc", choices=["default", "keep"], default="default", help="keep: glibc "
+                   "keeps freed memory for reuse, as a caching allocator does (perf.keep_freed_"
+                   "memory), so no job pays for fresh pages; default: glibc as a user has it")
     p.add_argument("--json", help="also write every figure to this file, one flat JSON object")
     p.add_argument("--plan", action="store_true", help="only predict the peak memory of a LoRA and "
                    "ABMLL step (plan.py): built-in shapes, no weights, no GPU; --device cuda plans "
@@ -417,6 +424,8 @@ def main():
     if args.plan:
         import plan
         return plan.main(args)
+    if args.malloc == "keep" and not perf.keep_freed_memory():
+        sys.exit("error: --malloc keep needs glibc's mallopt, which this system lacks")
     R = run(args)
     if R["reference"]:
         import peft

@@ -80,7 +80,8 @@ def print_table(R: dict):
     versions = f"  transformers {R['transformers']}  peft {R['peft']}" if g("transformers") else ""
     print(f"# bench.py {R['date']}  {R['model']} on {R['device_name']} ({R['dtype']} weights)  "
           f"batch {R['batch']} x {R['seq']}  medians of {R['repeats']}  threads {R['threads']}  "
-          f"load {R['load_avg_1m']:.2f}  torch {R['torch']}" + versions)
+          f"load {R['load_avg_1m']:.2f}  malloc {R.get('malloc', 'default')}  torch {R['torch']}"
+          + versions)
     nominal = g("nominal_bf16_peak_flops")
     print(f"# matmul peak now: fp32 {R['gemm_fp32_flops'] / 1e9:,.1f} GFLOP/s, "
           f"bf16 {R['gemm_bf16_flops'] / 1e9:,.1f} GFLOP/s"
@@ -89,7 +90,8 @@ def print_table(R: dict):
     if one:
         print(f"# at 1 thread: fp32 {R['gemm_fp32_flops_1t'] / 1e9:,.1f} GFLOP/s, "
               f"bf16 {R['gemm_bf16_flops_1t'] / 1e9:,.1f} GFLOP/s")
-    head = ["job", "median", "tokens/s", "of peak", "saved for bwd", "peak RSS", "RSS rise"]
+    head = ["job", "median", "tokens/s", "of peak", "saved for bwd", "peak RSS", "RSS rise",
+            "page faults"]
     head += ["CUDA peak", "MFU"] * cuda + ["1 thread", "of peak (1t)", "scaling"] * one
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for label, k in ROWS.items():
@@ -98,7 +100,7 @@ def print_table(R: dict):
         cells = [label, fmt(R[f"{k}_s"], "s"), f"{R[f'{k}_tokens_per_s']:,.0f}",
                  fmt(g(f"{k}_fraction_of_gemm_peak"))]
         sizes = ("saved_bytes", "peak_rss_bytes", "peak_rss_rise_bytes")
-        cells += [fmt(g(f"{k}_{m}"), "B") for m in sizes]
+        cells += [fmt(g(f"{k}_{m}"), "B") for m in sizes] + [fmt(g(f"{k}_minor_faults"))]
         if cuda:
             cells += [fmt(g(f"{k}_cuda_peak_bytes"), "B"), fmt(g(f"{k}_mfu"))]
         if one:

@@ -33,7 +33,6 @@ randn(generator=...) (`_noise_rows`, `_act_eps`) work under FakeTensorMode uncha
 """
 
 import argparse
-import ctypes
 import functools
 import gc
 import json
@@ -179,7 +178,7 @@ def measure(margs, variant, batch, seq, dtype=torch.float32, checkpointing=False
     rest of the process (measure in a process of its own): freed blocks of `mmap_threshold` bytes
     or more go back to the system. None leaves glibc's default."""
     if mmap_threshold is not None:
-        ctypes.CDLL("libc.so.6").mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+        perf.mallopt(mmap_threshold)
 
     def job(steps=steps):  # bench.step_fn, loss.item() and all: independent of plan.step
         model, opt, loss_fn, _ = setup(margs, variant, dtype, batch, seq, checkpointing, **kw)

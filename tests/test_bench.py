@@ -103,6 +103,47 @@ def test_bad_flags_end_in_one_line(monkeypatch, argv, flag):
     assert str(e.value.code).startswith("error: ") and flag in str(e.value.code) and "\n" not in str(e.value.code)
 
 
+def test_malloc_flag_and_page_faults(tmp_path, monkeypatch):
+    """--malloc keep asks perf.keep_freed_memory and records it; every job's page faults are in
+    the JSON; a system without mallopt ends in one line naming the flag."""
+    asked = []
+    monkeypatch.setattr(perf, "keep_freed_memory", lambda: asked.append(1) or True)
+    R = bench_json(tmp_path, monkeypatch, "--no-reference", "--threads", "1", "--malloc", "keep")
+    assert asked == [1] and R["malloc"] == "keep"
+    for k in ["forward", "lora_step", "abmll_step", "abmll_step_act"]:
+        assert isinstance(R[f"{k}_minor_faults"], int) and R[f"{k}_minor_faults"] >= 0
+    monkeypatch.setattr(perf, "keep_freed_memory", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--malloc", "keep"])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert str(e.value.code).startswith("error: --malloc keep") and "\n" not in str(e.value.code)
+
+
+def test_keep_freed_memory_ends_the_fresh_pages_of_a_repeated_allocation():
+    """perf.minor_faults against the page size: under glibc's defaults a fresh 64 MiB tensor
+    takes its size in new pages every time (a block that large is mmap'd and given back at each
+    free); after perf.keep_freed_memory a freed block is reused and takes none (not from the
+    first repeat on in every process: which free block glibc picks varies, so the fewest of 12).
+    Subprocesses: mallopt is for the whole process."""
+    import os
+    import subprocess
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if os.path.exists(thp) and "[always]" in open(thp).read():
+        pytest.skip("transparent huge pages always on: a fault maps 2 MiB, not a page")
+    code = ("import sys, torch, perf\n"
+            "ok = perf.keep_freed_memory() if sys.argv[1] == 'keep' else True\n"
+            "f = [perf.minor_faults(lambda: torch.ones(1 << 24)) for _ in range(12)]\n"
+            "print(ok, min(f[1:]), max(f[1:]))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = {m: subprocess.run([sys.executable, "-c", code, m], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.split() for m in ("default", "keep")}
+    assert out["default"][0] == out["keep"][0] == "True"
+    pages = (1 << 26) // os.sysconf("SC_PAGE_SIZE")
+    fewest, most = int(out["default"][1]), int(out["default"][2])
+    keep = int(out["keep"][1])
+    assert pages <= fewest <= most <= 1.05 * pages and keep <= 0.01 * pages, (out, pages)
+
+
 def counted_flops(method, T, B=2):
     """(torch FlopCounterMode's count, ours) for our step (method "lora" / "abmll") or forward (None), tiny model."""
     args = llama.ModelArgs.from_name("tiny")
