@@ -34,6 +34,12 @@ def lowrank(x, A, B, s):
 # one reparameterized weight sample per forward, with nothing weight-sized kept for backward
 
 
+def standard_normal(shape, gen, dtype, device):
+    """eps ~ N(0, I) from `gen`: every draw of the noise, weights' and outputs', comes from here
+    (ablate.py replaces it by a fill to time the draws). torch's CPU normal_ runs on one thread."""
+    return torch.randn(shape, generator=gen, dtype=dtype, device=device)
+
+
 def _noise_rows(b_lv, a_lv, s, log_c, seed):
     """Yield (rows, sigma * eps) chunk by chunk, sigma = exp(½ (s B A + log_c)), eps ~ N(0, I).
 
@@ -46,7 +52,7 @@ def _noise_rows(b_lv, a_lv, s, log_c, seed):
     for i in range(0, b_lv.shape[0], step):
         rows = slice(i, i + step)
         sigma = torch.addmm(half_c, b_lv[rows], a_lv, alpha=0.5 * s).exp_()  # (rows, d_in)
-        eps = torch.randn(sigma.shape, generator=gen, dtype=sigma.dtype, device=sigma.device)
+        eps = standard_normal(sigma.shape, gen, sigma.dtype, sigma.device)
         yield rows, sigma.mul_(eps)
 
 
@@ -119,8 +125,7 @@ def _act_dtype(x, factor):
 
 def _act_eps(shape, seed, dtype, device):
     """eps ~ N(0, 1) of the output's shape from its own generator: the same seed, the same eps."""
-    gen = torch.Generator(device).manual_seed(seed)
-    return torch.randn(shape, generator=gen, dtype=dtype, device=device)
+    return standard_normal(shape, torch.Generator(device).manual_seed(seed), dtype, device)
 
 
 def _act_noise(u_lv, b_lv, s, log_c, seed):
