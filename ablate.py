@@ -29,7 +29,6 @@ import argparse
 import math
 import statistics
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -39,6 +38,7 @@ import abmll
 import bench
 import kernels
 import perf
+import prof
 
 MODES = {"weight": "abmll_step", "activation": "abmll_step_act"}
 VARIANTS = ("full", "no noise", "no KL", "neither")
@@ -197,10 +197,7 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     if args.repeats < 2:
         sys.exit("error: --repeats must be >= 2")
-    if args.threads:
-        if args.threads < 1:
-            sys.exit("error: --threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    prof.set_threads(args.threads)
     if args.rng_only:  # seconds: the draw alone, e.g. under another OpenMP setting
         import os
         g = rng()
@@ -211,12 +208,7 @@ def main(argv=None):
     args.bench_argv = [*rest, "--no-reference"]  # bench.py's model flags: --model, --batch, --seq
     P = run(args)
     print_report(P)
-    if args.json:
-        from pathlib import Path
-
-        import resume
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        resume.write_json(Path(args.json), P)
+    prof.write(args.json, P)
     return P
 
 

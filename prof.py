@@ -123,20 +123,30 @@ def main(argv=None):
     args, rest = p.parse_known_args(argv)
     if args.steps < 1:
         sys.exit("error: --steps must be >= 1")
-    if args.threads:
-        if args.threads < 1:
-            sys.exit("error: --threads must be >= 1")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     args.bench_argv = [*rest, "--no-reference"]  # bench.py's model flags: --model, --batch, --seq
     P = run(args)
     print_report(P, args.top)
-    if args.json:
+    write(args.json, P)
+    return P
+
+
+def set_threads(n: int | None):
+    """--threads: torch's CPU thread count, if given (this tool's and ablate.py's)."""
+    if n is not None:
+        if n < 1:
+            sys.exit("error: --threads must be >= 1")
+        torch.set_num_threads(n)
+
+
+def write(path: str | None, P: dict):
+    """--json: the figures, written atomically, if a path is given."""
+    if path:
         from pathlib import Path
 
         import resume
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        resume.write_json(Path(args.json), P)
-    return P
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        resume.write_json(Path(path), P)
 
 
 if __name__ == "__main__":
