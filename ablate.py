@@ -31,6 +31,7 @@ import statistics
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 
@@ -39,6 +40,7 @@ import bench
 import kernels
 import perf
 import prof
+from lora import BayesLoRALinear
 
 MODES = {"weight": "abmll_step", "activation": "abmll_step_act"}
 VARIANTS = ("full", "no noise", "no KL", "neither")
@@ -77,18 +79,18 @@ def step_times(S, repeats: int) -> dict[str, list[float]]:
     for mode, job in MODES.items():
         step = bench.step_fn(S.jobs[job].loss, S.jobs[job].opt)
         for v in VARIANTS:
-            fns[f"{mode}/{v}"] = lambda step=step, v=v: _ablated_step(step, v)
+            fns[f"{mode}/{v}"] = partial(ablated_step, step, v)
     return perf.interleaved_times(fns, repeats, S.device)
 
 
-def _ablated_step(step, variant):
+def ablated_step(step, variant: str):
     with ablated(variant):
         return step()
 
 
 def adapted_shapes(model) -> list[tuple[int, int]]:
     """(d_out, d_in) of every BayesLoRALinear in the model."""
-    return [tuple(m.weight.shape) for m in model.modules() if hasattr(m, "phi_logvar_A")]
+    return [tuple(m.weight.shape) for m in model.modules() if isinstance(m, BayesLoRALinear)]
 
 
 def gemm_floor(S, repeats: int) -> float:

@@ -13,8 +13,8 @@ A run, in this file's order: 1) setup: our models on one set of weights (twins.p
 loss and optimizer; 2) the reference: transformers + peft on the same weights, checked to give our
 numbers before any step moves the adapters; 3) speed: the GEMM peak now, every job in the same
 interleaved rounds (medians of --repeats), model FLOPs as a fraction of that peak; 4) memory:
-bytes saved for backward, peak RSS (CUDA: peak allocated); 5) growth (bench_growth.py): ABMLL over training tasks,
-both methods over sequence length; 6) the report. How each figure is measured: perf.py. A
+bytes saved for backward, peak RSS (CUDA: peak allocated); 5) growth (bench_growth.py): ABMLL
+over training tasks, both methods over sequence length; 6) the report. How each figure is measured: perf.py. A
 speedup is their time / our time (> 1: we are faster); other ratios put ours (or ABMLL) in the
 numerator. Without transformers + peft (or with --no-reference) their rows are skipped. On a CPU
 with fp32 weights our steps also run in bf16: under torch.autocast around the forward (jobs

@@ -138,11 +138,20 @@ def autocast_weight(owner: nn.Module, w: torch.Tensor, x: torch.Tensor) -> torch
         return w
     dt = torch.get_autocast_dtype(dev)
     key = (w.data_ptr(), w._version, w.shape, w.device, dt)
-    cached = owner.__dict__.get("_autocast_weight")
+    cached = owner.__dict__.get(_KEPT_CAST)
     if cached is None or cached[0] != key:
         with torch.inference_mode(False), torch.no_grad():  # usable by a later training step
-            cached = owner.__dict__["_autocast_weight"] = (key, w.to(dt))
+            cached = owner.__dict__[_KEPT_CAST] = (key, w.to(dt))
     return cached[1]
+
+
+_KEPT_CAST = "_autocast_weight"  # (key, cast) on the owning module, outside its state dict
+
+
+def kept_casts(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The casts autocast_weight keeps, by owning module's name: resident between steps."""
+    return {n: m.__dict__[_KEPT_CAST][1] for n, m in model.named_modules()
+            if _KEPT_CAST in m.__dict__}
 
 
 class Linear(nn.Linear):

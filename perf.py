@@ -11,10 +11,10 @@ a shared machine hits them alike; bench.py takes each job's median of its rounds
 Memory: "saved" is the bytes of the tensors autograd keeps for backward in one step, counted once
 per storage (a tensor saved by several ops, or a view of one, is counted once), leaving out the
 models' parameters and buffers, which are resident anyway, and the bf16 casts of frozen weights
-that our models keep under autocast (llama.autocast_weight); autocast's per-step bf16 copies of
-weights (transformers' model) are counted: they are made in every step. Peak RSS is the process's high-water mark during the step, reset
-through /proc/self/clear_refs where Linux allows ("rise": above the RSS before the step); on CUDA,
-torch.cuda.max_memory_allocated.
+that our models keep under autocast (llama.kept_casts); autocast's per-step bf16 copies of
+weights (transformers' model) are counted: they are made in every step. Peak RSS is the
+process's high-water mark during the step, reset through /proc/self/clear_refs where Linux
+allows ("rise": above the RSS before the step); on CUDA, torch.cuda.max_memory_allocated.
 
 Model FLOPs, counted analytically, the same for every contender doing the same job (N = B T
 tokens, P = weights of the blocks' linear layers, H heads of size hd, L layers, vocabulary V,
@@ -101,8 +101,7 @@ def resident_ptrs(*models) -> set:
     """Every storage a model keeps between steps: parameters, buffers and the bf16 casts of its
     frozen weights that llama.autocast_weight keeps under autocast."""
     tensors = [t for m in models for t in [*m.parameters(), *m.buffers()]]
-    tensors += [sub.__dict__["_autocast_weight"][1] for m in models for sub in m.modules()
-                if "_autocast_weight" in sub.__dict__]
+    tensors += [t for m in models for t in llama.kept_casts(m).values()]
     return {t.untyped_storage().data_ptr() for t in tensors}
 
 
